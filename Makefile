@@ -7,7 +7,6 @@ TORCH := torch==2.13.0
 
 .venv/installed: pyproject.toml Makefile
 	python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
 	touch $@

@@ -1,0 +1,19 @@
+"""fpsolve: fixed points of deep-equilibrium models and looped networks, halting per sample.
+
+Everything public is imported here; the modules behind it are private.
+"""
+from ._solution import Solution, Status
+from ._solve import solve
+from .solvers import Anderson, Broyden, FixedPointIteration, Solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve",
+    "Solution",
+    "Status",
+    "Solver",
+    "FixedPointIteration",
+    "Anderson",
+    "Broyden",
+]

@@ -1,0 +1,68 @@
+"""The result of a solve: `Solution` and the per-sample `Status` codes."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+
+class Status(enum.IntEnum):
+    """Why a sample stopped. Stored per sample as int64 in `Solution.status`."""
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    DIVERGED = 2
+
+    @property
+    def message(self) -> str:
+        """What the status means and what a user can try."""
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.CONVERGED: "the halting criterion ||f(z) - z|| <= atol + rtol * ||f(z)|| held.",
+    Status.MAX_ITER: (
+        "the budget of max_iter evaluations was spent before the criterion held; raise "
+        "max_iter, loosen rtol/atol, use an accelerated solver ('anderson', 'broyden'), or "
+        "run fpsolve.diagnose to see whether the map contracts at all."
+    ),
+    Status.DIVERGED: (
+        "f produced non-finite values or the residual blew up; z is the best finite iterate "
+        "seen. Try damping (FixedPointIteration(damping=0.5)), a smaller Anderson mixing "
+        "factor, spectral normalisation of the block, or fpsolve.diagnose."
+    ),
+}
+
+
+@dataclass
+class Solution:
+    """Per-sample outcome of `fpsolve.solve` (all tensors batch-first, `[B]` unless noted).
+
+    `z` has the structure of `z0`; it is, per sample, the iterate with the smallest residual
+    seen (never a non-finite one). `evaluations` is the total number of rows passed through f.
+    """
+
+    z: Any
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    status: torch.Tensor
+    evaluations: int
+    trace: Optional[torch.Tensor] = None
+    backward_info: Optional[dict] = None
+
+    def summary(self) -> str:
+        """A short human-readable account of the batch."""
+        counts = {s.name: int((self.status == s).sum()) for s in Status}
+        it = self.iterations.double()
+        parts = ", ".join(f"{k}: {v}" for k, v in counts.items() if v)
+        return (
+            f"Solution(B={self.status.numel()}; {parts}; iterations mean {it.mean():.1f} "
+            f"max {int(it.max()) if it.numel() else 0}; evaluations {self.evaluations}; "
+            f"max residual {float(self.residual.max()) if self.residual.numel() else 0.0:.3g})"
+        )
+
+    def __repr__(self) -> str:
+        return self.summary()

@@ -1,0 +1,51 @@
+"""The protocol every solver follows: make a state, then propose the next iterate.
+
+A solver never owns a loop, a tolerance test or any bookkeeping: `fpsolve._loop.iterate`
+does all of that and calls `init` once and `step` once per evaluation of f. Every tensor in
+the state is batch-first over the *active* samples, so the loop can drop halted rows from it
+with `index_select` (see `compact`).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Tuple, runtime_checkable
+
+import torch
+from torch import Tensor
+
+State = Tuple[Tensor, ...]
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """init(z, fz, g) -> state; step(state, z, fz, g, k) -> (next z, state).
+
+    `z` is the current iterate `[b, ...]`, `fz = f(z)`, `g = fz - z`, and `k` counts the
+    evaluations already made for these rows, minus one (0 at the first step). Steps run under
+    `torch.no_grad()`; a solver may update its own state buffers in place.
+    """
+
+    def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State: ...
+
+    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]: ...
+
+
+def compact(state: State, index: Tensor) -> State:
+    """Keep the rows `index` of every tensor in a solver state."""
+    return tuple(s.index_select(0, index) for s in state)
+
+
+def check_positive(name: str, value: object, *, integer: bool = False, at_most: float | None = None) -> None:
+    """Raise a clear error unless value is a positive number (an int when integer=True)."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+    if ok and at_most is not None:
+        ok = value <= at_most
+    if not ok:
+        want = "a positive integer" if integer else "a positive number"
+        if at_most is not None:
+            want += f" no larger than {at_most}"
+        raise ValueError(f"{name} must be {want}; got {value!r}.")
+
+
+def eps_for(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
