@@ -42,6 +42,27 @@ def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Ten
     return g.abs().amax(dim=dims), fz.abs().amax(dim=dims)
 
 
+class _Finished:
+    """Rows that stopped together: their original indices and results (concatenated at the end)."""
+
+    __slots__ = ("rows", "z", "residual", "iterations", "status")
+
+    def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: int, status: Tensor) -> None:
+        self.rows, self.z, self.residual, self.iterations, self.status = rows, z, residual, iterations, status
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor (a Python float operand costs more per op than a cached tensor)."""
+    key = (value, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
+
+
 def iterate(
     fn: Callable[[Tensor, Any], Tensor],
     z0: Tensor,
@@ -57,33 +78,41 @@ def iterate(
     record: bool,
 ) -> LoopResult:
     """Solve z = fn(z, x) from z0 (with fz0 = fn(z0, x) already computed). Runs under no_grad."""
-    B, dev = z0.shape[0], z0.device
+    B, dev, dtype = z0.shape[0], z0.device, z0.dtype
     dims = tuple(range(1, z0.ndim))
     bcast = (-1,) + (1,) * (z0.ndim - 1)
-    rtol_t = torch.tensor(rtol, dtype=z0.dtype, device=dev)
-    atol_t = torch.tensor(atol, dtype=z0.dtype, device=dev) if atol > 0 else None
+    neg_rtol = _constant(-rtol, dtype, dev)
+    atol_t = _constant(atol, dtype, dev) if atol > 0 else None
+    converged_code = _constant(int(Status.CONVERGED), torch.int64, dev)
+    diverged_code = _constant(int(Status.DIVERGED), torch.int64, dev)
 
-    out_z = torch.empty_like(z0)
-    out_r = torch.empty(B, dtype=z0.dtype, device=dev)
-    out_it = torch.full((B,), max_iter, dtype=torch.int64, device=dev)
-    out_status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
-    converged_code = torch.tensor(int(Status.CONVERGED), dtype=torch.int64, device=dev)
-    diverged_code = torch.tensor(int(Status.DIVERGED), dtype=torch.int64, device=dev)
-    conv_mask = torch.zeros(B, dtype=torch.bool, device=dev)   # halting="batch" only
-    dead_mask = torch.zeros(B, dtype=torch.bool, device=dev)   # halting="batch" only
+    finished: List[_Finished] = []
+    conv_mask = dead_mask = None      # halting="batch" only
     any_dead = False
 
-    idx = torch.arange(B, device=dev)          # original row of each active row
+    idx: Optional[Tensor] = None      # original row of each active row (made at the first drop)
     z, xa, fz = z0, x, fz0
-    best_z, best_r, scale0 = z0, None, None
+    best_z, best_r = z0, z0.new_full((1,), float("inf"))
+    limit = rn0 = fn0 = None          # divergence limit, built from the first residuals when needed
     state = None
+    compact_state = getattr(solver, "compact", None) or compact
     n_active, evaluations = B, 0
-    trace_rows: Optional[List[Tuple[Tensor, Tensor]]] = [] if record else None
+    trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
 
     k = 0
     while True:
         if k > 0:
-            fz = fn(z, xa)
+            try:
+                fz = fn(z, xa)
+            except Exception as err:
+                if n_active == B:
+                    raise
+                raise RuntimeError(
+                    f"f failed on the {n_active} of {B} rows still active at iteration {k + 1}: "
+                    f"{err}. With halting='sample' f receives only the active rows, so anything "
+                    f"per-sample must be passed in x (not closed over); use halting='batch' if f "
+                    f"needs the whole batch."
+                ) from err
             if fz.shape != z.shape:
                 raise ValueError(
                     f"f returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)} "
@@ -96,54 +125,57 @@ def iterate(
         rn, fnorm = _norms(g, fz, dims, norm)
         if trace_rows is not None:
             trace_rows.append((idx, rn))
-        tol = torch.mul(fnorm, rtol_t) if atol_t is None else torch.addcmul(atol_t, fnorm, rtol_t)
-        excess = rn - tol          # <= 0: the halting criterion holds
-
-        fast = False
-        if k > 0:
-            # The one host sync of an iteration: is every residual above tolerance and lower
-            # than the sample's best so far? (nan fails the `> 0` test, so it is caught too.)
-            fast = torch.minimum(best_r - rn, excess).min().item() > 0
-        if fast:
+        excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: halt
+        if atol_t is not None:
+            excess = excess - atol_t
+        if k == 0:
+            rn0, fn0 = rn, fnorm
+        # The one host sync of an iteration: is every residual above tolerance and below the
+        # sample's best so far? (nan fails the `> 0` test, so non-finite values are caught.)
+        if torch.minimum(best_r - rn, excess).min().item() > 0:
             best_z, best_r = z, rn     # the current iterate is every sample's best: no copy
         else:
-            finite = torch.isfinite(rn)
-            if k == 0:
+            # Slow path: something halted, diverged or got worse.
+            if limit is None:
+                limit = (rn0 + fn0).mul_(DIVERGENCE_FACTOR)
+            if k == 0:   # the start is the best so far, even when its residual is nan
+                if not bool(torch.isfinite(z).all()):
+                    raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
                 best_z, best_r = z, rn
-                scale0 = rn + fnorm
             else:
                 improved = rn < best_r
                 best_z = torch.where(improved.view(bcast), z, best_z)
                 best_r = torch.where(improved, rn, best_r)
-            conv_now = (excess <= 0) & finite
-            div_now = ~conv_now & (~finite | (rn > DIVERGENCE_FACTOR * scale0))
+            conv_now = excess <= 0
+            bad = ~(rn <= limit)      # non-finite, or blown up
             if per_sample:
-                done = conv_now | div_now
-                n_done = int(done.sum())
+                done = conv_now | bad
+                fin = done.nonzero().squeeze(1)
+                n_done = fin.shape[0]   # (a host sync, on the slow path only)
                 if n_done:
-                    fin = done.nonzero().squeeze(1)
-                    rows = idx.index_select(0, fin)
-                    out_z.index_copy_(0, rows, best_z.index_select(0, fin))
-                    out_r.index_copy_(0, rows, best_r.index_select(0, fin))
-                    out_it.index_fill_(0, rows, k + 1)
-                    codes = torch.where(conv_now.index_select(0, fin), converged_code, diverged_code)
-                    out_status.index_copy_(0, rows, codes)
-                    n_active -= n_done
-                    if n_active == 0:
+                    codes = torch.where(conv_now, converged_code, diverged_code)
+                    if n_done == n_active:   # everyone left stops here: no copies
+                        finished.append(_Finished(idx, best_z, best_r, k + 1, codes))
+                        n_active = 0
                         break
+                    if idx is None:
+                        idx = torch.arange(B, device=dev)
+                    pick = lambda t: t.index_select(0, fin)  # noqa: E731
+                    finished.append(_Finished(pick(idx), pick(best_z), pick(best_r), k + 1, pick(codes)))
+                    n_active -= n_done
                     keep = (~done).nonzero().squeeze(1)
-                    idx = idx.index_select(0, keep)
-                    z, fz, g = (t.index_select(0, keep) for t in (z, fz, g))
-                    best_z, best_r, scale0 = (t.index_select(0, keep) for t in (best_z, best_r, scale0))
+                    take = lambda t: t.index_select(0, keep)  # noqa: E731
+                    same = best_z is z
+                    idx, z, fz, g, best_r, limit = map(take, (idx, z, fz, g, best_r, limit))
+                    best_z = z if same else take(best_z)
                     xa = select_rows(xa, keep)
                     if state is not None:
-                        state = compact(state, keep)
+                        state = compact_state(state, keep)
             else:
-                conv_mask |= conv_now
-                dead_mask |= div_now
-                flags = torch.stack(((conv_mask | dead_mask).all(), dead_mask.any())).tolist()
-                any_dead = flags[1]
-                if flags[0]:
+                conv_mask = conv_now if conv_mask is None else conv_mask | conv_now
+                dead_mask = bad if dead_mask is None else dead_mask | bad
+                all_done, any_dead = torch.stack(((conv_mask | dead_mask).all(), dead_mask.any())).tolist()
+                if all_done:
                     break
         if k + 1 >= max_iter:
             break
@@ -154,22 +186,25 @@ def iterate(
             z = torch.where(dead_mask.view(bcast), best_z, z)
         k += 1
 
+    max_code = _constant(int(Status.MAX_ITER), torch.int64, dev)
     if per_sample:
-        if n_active:   # budget spent: the rows still active keep status MAX_ITER
-            out_z.index_copy_(0, idx, best_z)
-            out_r.index_copy_(0, idx, best_r)
+        if n_active:   # budget spent: the rows still active get MAX_ITER
+            finished.append(_Finished(idx, best_z, best_r, k + 1, max_code.expand(n_active)))
     else:
-        out_z, out_r = best_z, best_r
-        out_it.fill_(k + 1)
-        out_status = torch.where(
-            conv_mask, converged_code, torch.where(dead_mask, diverged_code, out_status)
-        )
+        status = max_code.expand(B)
+        if conv_mask is not None:
+            status = torch.where(conv_mask, converged_code, torch.where(dead_mask, diverged_code, status))
+        finished.append(_Finished(idx, best_z, best_r, k + 1, status))
+    out_z, out_r, out_it, out_status = _assemble(finished, B)
 
     trace = None
     if trace_rows is not None:
-        trace = torch.full((len(trace_rows), B), float("nan"), dtype=z0.dtype, device=dev)
+        trace = torch.full((len(trace_rows), B), float("nan"), dtype=dtype, device=dev)
         for t, (ix, r) in enumerate(trace_rows):
-            trace[t].index_copy_(0, ix, r)
+            if ix is None:
+                trace[t] = r
+            else:
+                trace[t].index_copy_(0, ix, r)
     return LoopResult(
         z=out_z,
         iterations=out_it,
@@ -179,3 +214,18 @@ def iterate(
         evaluations=evaluations,
         trace=trace,
     )
+
+
+def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Put the finished chunks back in the original row order."""
+    dev = finished[0].z.device
+    its = [torch.full((c.z.shape[0],), c.iterations, dtype=torch.int64, device=dev) for c in finished]
+    if len(finished) == 1:   # everyone stopped together and no row was ever dropped
+        c = finished[0]
+        return c.z, c.residual, its[0], c.status.contiguous()
+    rows = torch.cat([c.rows for c in finished])   # every chunk has rows once one was dropped
+    order = torch.empty_like(rows)
+    order[rows] = torch.arange(B, device=dev)
+    pick = lambda parts: torch.cat(parts).index_select(0, order)  # noqa: E731
+    return (pick([c.z for c in finished]), pick([c.residual for c in finished]),
+            pick(its), pick([c.status for c in finished]))

@@ -100,16 +100,15 @@ def solve(
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
 
-    z_start = layout.pack(z0).detach()
+    z_start = layout.pack(z0)
+    if z_start.requires_grad:
+        z_start = z_start.detach()
     B = layout.batch
     if B == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=layout.device)
         return Solution(z=z0, iterations=empty, residual=empty.to(z_start.dtype),
                         converged=empty.bool(), status=empty.clone(), evaluations=0,
                         trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
-    if not bool(torch.isfinite(z_start).all()):
-        raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or the previous solution).")
-
     fn = layout.wrap(f, x is not None)
     grad_wanted = torch.is_grad_enabled() and backward != "none"
     with torch.set_grad_enabled(grad_wanted):
@@ -121,7 +120,9 @@ def solve(
             f"backward='none' (sol.z is then detached) or call solve under torch.no_grad()."
         )
     with torch.no_grad():
-        fz0 = layout.pack(first).detach()
+        fz0 = layout.pack(first)
+        if fz0.requires_grad:
+            fz0 = fz0.detach()
         res = iterate(
             fn, z_start, x, fz0, solver_obj,
             atol=atol, rtol=rtol, max_iter=max_iter,

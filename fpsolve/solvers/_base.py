@@ -3,16 +3,17 @@
 A solver never owns a loop, a tolerance test or any bookkeeping: `fpsolve._loop.iterate`
 does all of that and calls `init` once and `step` once per evaluation of f. Every tensor in
 the state is batch-first over the *active* samples, so the loop can drop halted rows from it
-with `index_select` (see `compact`).
+with `index_select` (see `compact`); other entries (ints) pass through unchanged. A solver
+may define its own `compact(state, keep)` when it can do better than copying every buffer.
 """
 from __future__ import annotations
 
-from typing import Protocol, Tuple, runtime_checkable
+from typing import Any, Protocol, Tuple, runtime_checkable
 
 import torch
 from torch import Tensor
 
-State = Tuple[Tensor, ...]
+State = Tuple[Any, ...]
 
 
 @runtime_checkable
@@ -30,8 +31,8 @@ class Solver(Protocol):
 
 
 def compact(state: State, index: Tensor) -> State:
-    """Keep the rows `index` of every tensor in a solver state."""
-    return tuple(s.index_select(0, index) for s in state)
+    """Keep the rows `index` of every tensor in a solver state (other entries unchanged)."""
+    return tuple(s.index_select(0, index) if isinstance(s, Tensor) else s for s in state)
 
 
 def check_positive(name: str, value: object, *, integer: bool = False, at_most: float | None = None) -> None:

@@ -3,12 +3,10 @@
 Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 49
 (2011), in the difference form: with ΔG the last m differences of residuals g = f(z) - z and
 ΔZ those of iterates, solve the regularised least-squares problem
-    γ = argmin ||g - ΔG γ||² + λ s ||γ||²       (s = largest ||Δg_j||², so λ is relative)
+    γ = argmin ||g - ΔG γ||² + λ Σ_j ||Δg_j||² γ_j²     (a ridge relative to each column)
 and step  z⁺ = z + β g - (ΔZ + β ΔG) γ.
 The Gram matrix ΔGᵀΔG is updated one row per step (one bmm against the new column), and the
-m×m systems of all active samples are solved in one batched call. Unfilled history slots are
-zero: their regularised diagonal makes their coefficient exactly zero, so the shapes never
-change and there is no Python branching on how full the history is.
+small systems of all active samples are solved in one batched call over the filled slots.
 """
 from __future__ import annotations
 
@@ -25,23 +23,20 @@ from ._base import State, check_positive
 class Anderson:
     """Anderson acceleration mixing the last `m` iterates.
 
-    `beta`: mixing (damping) factor; `regularization`: λ, relative to the largest squared
-    history norm (default 1e-5 in float32, 1e-10 in float64); `max_coefficient`: a step whose
-    mixing coefficients exceed this (or are not finite) falls back to a plain damped step for
-    that sample only.
+    `beta`: mixing (damping) factor; `regularization`: λ, relative to each history column's
+    squared norm (default 1e-5 in float32, 1e-10 in float64). A sample whose small system
+    cannot be solved gets a plain damped step; the others are unaffected.
     """
 
     m: int = 5
     beta: float = 1.0
     regularization: Optional[float] = None
-    max_coefficient: float = 1e4
 
     def __post_init__(self) -> None:
         check_positive("Anderson(m=...)", self.m, integer=True)
         check_positive("Anderson(beta=...)", self.beta, at_most=2.0)
         if self.regularization is not None:
             check_positive("Anderson(regularization=...)", self.regularization)
-        check_positive("Anderson(max_coefficient=...)", self.max_coefficient)
 
     def _lambda(self, dtype: torch.dtype) -> float:
         if self.regularization is not None:
@@ -50,34 +45,45 @@ class Anderson:
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State:
         b, n, m = z.shape[0], z[0].numel(), self.m
-        zeros = torch.zeros
-        dg_hist = zeros(b, m, n, dtype=z.dtype, device=z.device)
-        dz_hist = zeros(b, m, n, dtype=z.dtype, device=z.device)   # columns Δz + β Δg
-        gram = zeros(b, m, m, dtype=z.dtype, device=z.device)
-        return (dg_hist, dz_hist, gram, g.reshape(b, n), z.reshape(b, n))
+        dg_hist = z.new_empty(b, m, n)   # slots [:filled] are valid; the rest is never read
+        dz_hist = z.new_empty(b, m, n)   # columns Δz + β Δg
+        system = z.new_zeros(b, m, m)    # ΔGᵀΔG with its ridge on the diagonal
+        return (dg_hist, dz_hist, system, g.reshape(b, n), self._anchor(z, fz).reshape(b, n))
+
+    def _anchor(self, z: Tensor, fz: Tensor) -> Tensor:
+        """The vector whose differences form the ΔZ + βΔG columns: f(z) itself when β = 1."""
+        return fz if self.beta == 1.0 else z
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
-        dg_hist, dz_hist, gram, g_prev, z_prev = state
+        dg_hist, dz_hist, system, g_prev, a_prev = state
         b = z.shape[0]
-        gf, zf = g.reshape(b, -1), z.reshape(b, -1)
+        gf, af = g.reshape(b, -1), self._anchor(z, fz).reshape(b, -1)
         base = fz if self.beta == 1.0 else z.add(g, alpha=self.beta)
         if k == 0:  # no history yet: a plain (damped) step
-            return base, (dg_hist, dz_hist, gram, gf, zf)
+            return base, (dg_hist, dz_hist, system, gf, af)
 
-        j = (k - 1) % self.m
-        dg = gf - g_prev
-        dg_hist[:, j] = dg
-        dz_hist[:, j] = torch.add(zf - z_prev, dg, alpha=self.beta)
-        # New Gram row (column j against all) and the right-hand side ΔGᵀg, in one bmm.
-        rows = torch.bmm(torch.stack((dg, gf), dim=1), dg_hist.transpose(1, 2))
-        gram[:, j] = rows[:, 0]
-        gram[:, :, j] = rows[:, 0]
-        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)
-        ridge = scale.mul_(self._lambda(z.dtype)).add_(torch.finfo(z.dtype).tiny)
-        system = gram + ridge[:, None, None] * torch.eye(self.m, dtype=z.dtype, device=z.device)
-        gamma = torch.linalg.solve_ex(system, rows[:, 1])[0]
-        # Safeguard: an ill-conditioned or non-finite solve becomes a plain step for that sample.
-        bad = ~(gamma.abs().amax(dim=1) <= self.max_coefficient)
-        gamma = gamma.masked_fill_(bad[:, None], 0.0)
-        z_next = torch.baddbmm(base.reshape(b, 1, -1), gamma.unsqueeze(1), dz_hist, alpha=-1.0)
-        return z_next.view_as(z), (dg_hist, dz_hist, gram, gf, zf)
+        m = min(k, self.m)           # filled slots
+        j = (k - 1) % self.m         # the slot this step writes
+        dg = torch.sub(gf, g_prev, out=dg_hist[:, j])
+        col = torch.sub(af, a_prev, out=dz_hist[:, j])       # Δf (β = 1) or Δz
+        if self.beta != 1.0:
+            col.add_(dg, alpha=self.beta)
+        # New Gram row (column j against all) and the right-hand side ΔGᵀg. (bmm with the
+        # thin operand first is several times faster than with the history first.)
+        hist_t = dg_hist[:, :m].transpose(1, 2)
+        row = torch.bmm(dg.unsqueeze(1), hist_t).squeeze(1)
+        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
+        # The ridge is relative to each column's own squared norm (Levenberg-Marquardt
+        # scaling): the diagonally scaled system has eigenvalues in [λ, m + λ], so it stays
+        # well conditioned, and only the new column's diagonal entry changes.
+        row[:, j] *= 1.0 + self._lambda(z.dtype)
+        sys_m = system[:, :m, :m]
+        sys_m[:, j] = row
+        sys_m[:, :, j] = row
+        # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
+        # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
+        # its residual did not change) gets non-finite coefficients, zeroed: a plain step.
+        gamma = torch.linalg.solve_ex(sys_m, rhs)[0].nan_to_num_(0.0, 0.0, 0.0)
+        z_next = torch.baddbmm(base.reshape(b, 1, -1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
+        z_next = z_next.view_as(base)
+        return z_next, (dg_hist, dz_hist, system, gf, af)

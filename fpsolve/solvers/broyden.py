@@ -7,7 +7,8 @@ which starts as -I (so the first step is plain iteration, z⁺ = f(z)) and gets 
 Sherman-Morrison rank-one update per step. The memory is capped by `memory`, not by max_iter;
 when it is full the estimate restarts from -I (overwriting the oldest pair instead can diverge
 on linear problems). With memory >= 2n it is exact on an n-dimensional linear map within 2n
-steps (Gay, SIAM J. Numer. Anal. 16 (1979)).
+steps (Gay, SIAM J. Numer. Anal. 16 (1979)). Only the filled pairs are ever read or copied,
+so the cost of a step grows with the pairs stored, not with `memory`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Broyden:
     |Δz|·|H Δg| is skipped for that sample (keeps the estimate finite).
     """
 
-    memory: int = 30
+    memory: int = 15
     min_denominator: float = 1e-10
 
     def __post_init__(self) -> None:
@@ -36,39 +37,47 @@ class Broyden:
         check_positive("Broyden(min_denominator=...)", self.min_denominator)
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State:
-        b, n, m = z.shape[0], z[0].numel(), self.memory
-        u = torch.zeros(b, m, n, dtype=z.dtype, device=z.device)
-        v = torch.zeros(b, m, n, dtype=z.dtype, device=z.device)
-        return (u, v, g.reshape(b, n), z.reshape(b, n))
+        b, n = z.shape[0], z[0].numel()
+        u = z.new_empty(b, self.memory, n)   # slots [:count] are valid; the rest is never read
+        v = z.new_empty(b, self.memory, n)
+        return (u, v, g.reshape(b, n), z.reshape(b, n), 0)
+
+    def compact(self, state: State, keep: Tensor) -> State:
+        """Drop halted rows, copying only the filled pairs."""
+        u, v, g_prev, z_prev, count = state
+        u2, v2 = u.new_empty(keep.shape[0], *u.shape[1:]), v.new_empty(keep.shape[0], *v.shape[1:])
+        if count:
+            u2[:, :count] = u[:, :count].index_select(0, keep)
+            v2[:, :count] = v[:, :count].index_select(0, keep)
+        return (u2, v2, g_prev.index_select(0, keep), z_prev.index_select(0, keep), count)
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
-        u_hist, v_hist, g_prev, z_prev = state
+        u_hist, v_hist, g_prev, z_prev, count = state
         b = z.shape[0]
         gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
         if k == 0:  # H = -I: the Newton step -H g is g, i.e. plain iteration
-            return fz, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1))
-
-        j = (k - 1) % self.memory
-        if j == 0 and k > 1:  # memory full: restart from H = -I
-            u_hist.zero_()
-            v_hist.zero_()
+            return fz, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), 0)
+        if count == self.memory:  # memory full: restart from H = -I
+            count = 0
         dz = zf - z_prev.unsqueeze(1)
         dg = gf - g_prev.unsqueeze(1)
-        u_t, v_t = u_hist, v_hist.transpose(1, 2)
-        # H Δg = -Δg + U (V Δg) and Δzᵀ H = -Δzᵀ + (Δzᵀ Uᵀ) V; slot j is still empty (zero).
-        prods = torch.bmm(torch.cat((dg, gf), dim=1), v_t)                    # [b, 2, m]
-        h_dg = torch.baddbmm(dg, prods[:, :1], u_hist, beta=-1.0)
-        zt_h = torch.baddbmm(dz, torch.bmm(dz, u_t.transpose(1, 2)), v_hist, beta=-1.0)
-        denom = torch.bmm(zt_h, dg.transpose(1, 2)).squeeze(2)                # [b, 1]
+        u, v = u_hist[:, :count], v_hist[:, :count]
+        if count:
+            # (Δg·v_i, g·v_i), then both combinations of the u_i in one pass over U.
+            prods = torch.bmm(torch.cat((dg, gf), dim=1), v.transpose(1, 2))   # [b, 2, c]
+            comb = torch.bmm(prods, u)                                         # [b, 2, n]
+            h_dg = comb[:, :1] - dg                                            # H Δg
+            zt_h = torch.bmm(torch.bmm(dz, u.transpose(1, 2)), v) - dz         # Δzᵀ H
+        else:
+            h_dg, zt_h = -dg, -dz
+        denom = torch.bmm(zt_h, dg.transpose(1, 2))                            # Δzᵀ H Δg
         numer = dz - h_dg
-        scale = torch.linalg.vector_norm(dz, dim=2) * torch.linalg.vector_norm(h_dg, dim=2)
+        scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
         ok = denom.abs() > self.min_denominator * scale
-        new_u = numer / torch.where(ok, denom, torch.ones_like(denom)).unsqueeze(2)
-        new_u.masked_fill_(~ok.unsqueeze(2), 0.0)
-        u_hist[:, j] = new_u.squeeze(1)
-        v_hist[:, j] = zt_h.squeeze(1)
-        # Step -H g = g - U (V g), with the product against the new pair added in place.
-        pg = prods[:, 1:]
-        pg[:, :, j] = torch.bmm(zt_h, gf.transpose(1, 2)).view(b, 1)
-        z_next = torch.baddbmm(fz.reshape(b, 1, -1), pg, u_hist, alpha=-1.0)
-        return z_next.view_as(z), (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1))
+        new_u = numer * torch.where(ok, denom.reciprocal(), 0.0)   # skipped update: u = 0
+        u_hist[:, count] = new_u.squeeze(1)
+        v_hist[:, count] = zt_h.squeeze(1)
+        # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = f(z) - Σ u_i (v_i·g).
+        step_new = torch.bmm(zt_h, gf.transpose(1, 2)) * new_u
+        z_next = fz - (step_new if not count else comb[:, 1:] + step_new).view_as(fz)
+        return z_next, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1)
