@@ -98,6 +98,7 @@ def build(name: str, dtype: torch.dtype, seed: int = 0) -> Problem:
         return Problem(name, desc, f, xx, torch.zeros(b, n, dtype=dtype), max_iter)
     if name == "transformer":
         d, seq, bt, heads = 128, 64, 16, 4
+        torch.manual_seed(seed)   # biases and LayerNorms use the global generator
         block = PreNormBlock(d, heads, gen).to(dtype).eval()
         x = torch.randn(bt, seq, d, generator=gen).to(dtype)
         desc = f"pre-norm transformer block (attention + MLP, final LayerNorm), seq {seq}, width {d}, batch {bt}"

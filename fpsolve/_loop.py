@@ -43,12 +43,14 @@ def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Ten
 
 
 class _Finished:
-    """Rows that stopped together: their original indices and results (concatenated at the end)."""
+    """Rows that stopped together: original indices (None: all rows, in order) and results."""
 
-    __slots__ = ("rows", "z", "residual", "iterations", "status")
+    __slots__ = ("rows", "z", "residual", "iterations", "converged")
 
-    def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: int, status: Tensor) -> None:
-        self.rows, self.z, self.residual, self.iterations, self.status = rows, z, residual, iterations, status
+    def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: int,
+                 converged: Optional[Tensor]) -> None:
+        # converged: bool per row (True: CONVERGED, False: DIVERGED), or None for MAX_ITER
+        self.rows, self.z, self.residual, self.iterations, self.converged = rows, z, residual, iterations, converged
 
 
 _CONSTANTS: dict = {}
@@ -83,8 +85,6 @@ def iterate(
     bcast = (-1,) + (1,) * (z0.ndim - 1)
     neg_rtol = _constant(-rtol, dtype, dev)
     atol_t = _constant(atol, dtype, dev) if atol > 0 else None
-    converged_code = _constant(int(Status.CONVERGED), torch.int64, dev)
-    diverged_code = _constant(int(Status.DIVERGED), torch.int64, dev)
 
     finished: List[_Finished] = []
     conv_mask = dead_mask = None      # halting="batch" only
@@ -92,8 +92,7 @@ def iterate(
 
     idx: Optional[Tensor] = None      # original row of each active row (made at the first drop)
     z, xa, fz = z0, x, fz0
-    best_z, best_r = z0, z0.new_full((1,), float("inf"))
-    limit = rn0 = fn0 = None          # divergence limit, built from the first residuals when needed
+    best_z = best_r = limit = rn0 = fn0 = None
     state = None
     compact_state = getattr(solver, "compact", None) or compact
     n_active, evaluations = B, 0
@@ -128,11 +127,15 @@ def iterate(
         excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: halt
         if atol_t is not None:
             excess = excess - atol_t
-        if k == 0:
-            rn0, fn0 = rn, fnorm
         # The one host sync of an iteration: is every residual above tolerance and below the
         # sample's best so far? (nan fails the `> 0` test, so non-finite values are caught.)
-        if torch.minimum(best_r - rn, excess).min().item() > 0:
+        if k == 0:
+            rn0, fn0 = rn, fnorm
+            fast = excess.min().item() > 0
+        else:
+            fast = torch.minimum(best_r - rn, excess).min().item() > 0
+        keep = None
+        if fast:
             best_z, best_r = z, rn     # the current iterate is every sample's best: no copy
         else:
             # Slow path: something halted, diverged or got worse.
@@ -150,27 +153,23 @@ def iterate(
             bad = ~(rn <= limit)      # non-finite, or blown up
             if per_sample:
                 done = conv_now | bad
-                fin = done.nonzero().squeeze(1)
-                n_done = fin.shape[0]   # (a host sync, on the slow path only)
+                n_done = int(done.sum())      # (a host sync, on the slow path only)
+                if n_done == n_active:        # everyone left stops here: no copies
+                    finished.append(_Finished(idx, best_z, best_r, k + 1, conv_now))
+                    n_active = 0
+                    break
                 if n_done:
-                    codes = torch.where(conv_now, converged_code, diverged_code)
-                    if n_done == n_active:   # everyone left stops here: no copies
-                        finished.append(_Finished(idx, best_z, best_r, k + 1, codes))
-                        n_active = 0
-                        break
+                    # Rows that stay first, in order; then the ones that stop.
+                    order = torch.argsort(done.to(torch.uint8), stable=True)
+                    n_active -= n_done
+                    keep, fin = order[:n_active], order[n_active:]
                     if idx is None:
                         idx = torch.arange(B, device=dev)
                     pick = lambda t: t.index_select(0, fin)  # noqa: E731
-                    finished.append(_Finished(pick(idx), pick(best_z), pick(best_r), k + 1, pick(codes)))
-                    n_active -= n_done
-                    keep = (~done).nonzero().squeeze(1)
+                    finished.append(_Finished(pick(idx), pick(best_z), pick(best_r), k + 1, pick(conv_now)))
                     take = lambda t: t.index_select(0, keep)  # noqa: E731
-                    same = best_z is z
-                    idx, z, fz, g, best_r, limit = map(take, (idx, z, fz, g, best_r, limit))
-                    best_z = z if same else take(best_z)
+                    idx, best_z, best_r, limit = map(take, (idx, best_z, best_r, limit))
                     xa = select_rows(xa, keep)
-                    if state is not None:
-                        state = compact_state(state, keep)
             else:
                 conv_mask = conv_now if conv_mask is None else conv_mask | conv_now
                 dead_mask = bad if dead_mask is None else dead_mask | bad
@@ -179,53 +178,64 @@ def iterate(
                     break
         if k + 1 >= max_iter:
             break
+        # The solver steps on the rows it has seen, then the rows that stopped are dropped
+        # from its output (so f(z) and g are never copied).
         if state is None:
             state = solver.init(z, fz, g)
         z, state = solver.step(state, z, fz, g, k)
+        if keep is not None:
+            z = z.index_select(0, keep)
+            state = compact_state(state, keep)
         if any_dead:   # halting="batch": diverged rows stay frozen at their best iterate
             z = torch.where(dead_mask.view(bcast), best_z, z)
         k += 1
 
-    max_code = _constant(int(Status.MAX_ITER), torch.int64, dev)
-    if per_sample:
-        if n_active:   # budget spent: the rows still active get MAX_ITER
-            finished.append(_Finished(idx, best_z, best_r, k + 1, max_code.expand(n_active)))
-    else:
-        status = max_code.expand(B)
-        if conv_mask is not None:
-            status = torch.where(conv_mask, converged_code, torch.where(dead_mask, diverged_code, status))
-        finished.append(_Finished(idx, best_z, best_r, k + 1, status))
-    out_z, out_r, out_it, out_status = _assemble(finished, B)
+    if not per_sample:   # every row received the same evaluations; no row was dropped
+        status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
+        if dead_mask is not None:
+            status = torch.where(dead_mask, int(Status.DIVERGED), status)
+            status = torch.where(conv_mask, int(Status.CONVERGED), status)
+        iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
+        return _result(best_z, best_r, iterations, status, evaluations, trace_rows, B, dtype)
+    if n_active:   # budget spent: the rows still active get MAX_ITER
+        finished.append(_Finished(idx, best_z, best_r, k + 1, None))
+    return _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
 
+
+def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
+            trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]], B: int, dtype: torch.dtype) -> LoopResult:
     trace = None
     if trace_rows is not None:
-        trace = torch.full((len(trace_rows), B), float("nan"), dtype=dtype, device=dev)
-        for t, (ix, r) in enumerate(trace_rows):
+        trace = torch.full((len(trace_rows), B), float("nan"), dtype=dtype, device=z.device)
+        for t, (ix, rr) in enumerate(trace_rows):
             if ix is None:
-                trace[t] = r
+                trace[t] = rr
             else:
-                trace[t].index_copy_(0, ix, r)
-    return LoopResult(
-        z=out_z,
-        iterations=out_it,
-        residual=out_r,
-        converged=out_status == converged_code,
-        status=out_status,
-        evaluations=evaluations,
-        trace=trace,
-    )
+                trace[t].index_copy_(0, ix, rr)
+    return LoopResult(z=z, iterations=it, residual=r, converged=status == int(Status.CONVERGED),
+                      status=status, evaluations=evaluations, trace=trace)
 
 
 def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Put the finished chunks back in the original row order."""
+    """Put the finished chunks back in the original row order, with their status codes."""
     dev = finished[0].z.device
-    its = [torch.full((c.z.shape[0],), c.iterations, dtype=torch.int64, device=dev) for c in finished]
+    sizes = [c.z.shape[0] for c in finished]
+    its = torch.repeat_interleave(
+        torch.tensor([c.iterations for c in finished], dtype=torch.int64, device=dev),
+        torch.tensor(sizes, device=dev), output_size=B) if len(finished) > 1 else \
+        torch.full((B,), finished[0].iterations, dtype=torch.int64, device=dev)
+    codes = []
+    for c, n in zip(finished, sizes):
+        if c.converged is None:
+            codes.append(torch.full((n,), int(Status.MAX_ITER), dtype=torch.int64, device=dev))
+        else:
+            codes.append(torch.where(c.converged, int(Status.CONVERGED), int(Status.DIVERGED)))
     if len(finished) == 1:   # everyone stopped together and no row was ever dropped
         c = finished[0]
-        return c.z, c.residual, its[0], c.status.contiguous()
+        return c.z, c.residual, its, codes[0]
     rows = torch.cat([c.rows for c in finished])   # every chunk has rows once one was dropped
     order = torch.empty_like(rows)
     order[rows] = torch.arange(B, device=dev)
     pick = lambda parts: torch.cat(parts).index_select(0, order)  # noqa: E731
     return (pick([c.z for c in finished]), pick([c.residual for c in finished]),
-            pick(its), pick([c.status for c in finished]))
+            its.index_select(0, order), pick(codes))

@@ -50,3 +50,8 @@ def check_positive(name: str, value: object, *, integer: bool = False, at_most: 
 
 def eps_for(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
+
+
+def flat(t: Tensor) -> Tensor:
+    """[b, ...] -> [b, n] (no op for the common 2-D state)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive
+from ._base import State, check_positive, flat
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Anderson:
         dg_hist = z.new_empty(b, m, n)   # slots [:filled] are valid; the rest is never read
         dz_hist = z.new_empty(b, m, n)   # columns Δz + β Δg
         system = z.new_zeros(b, m, m)    # ΔGᵀΔG with its ridge on the diagonal
-        return (dg_hist, dz_hist, system, g.reshape(b, n), self._anchor(z, fz).reshape(b, n))
+        return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)))
 
     def _anchor(self, z: Tensor, fz: Tensor) -> Tensor:
         """The vector whose differences form the ΔZ + βΔG columns: f(z) itself when β = 1."""
@@ -56,8 +56,7 @@ class Anderson:
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
         dg_hist, dz_hist, system, g_prev, a_prev = state
-        b = z.shape[0]
-        gf, af = g.reshape(b, -1), self._anchor(z, fz).reshape(b, -1)
+        gf, af = flat(g), flat(self._anchor(z, fz))
         base = fz if self.beta == 1.0 else z.add(g, alpha=self.beta)
         if k == 0:  # no history yet: a plain (damped) step
             return base, (dg_hist, dz_hist, system, gf, af)
@@ -84,6 +83,6 @@ class Anderson:
         # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
         # its residual did not change) gets non-finite coefficients, zeroed: a plain step.
         gamma = torch.linalg.solve_ex(sys_m, rhs)[0].nan_to_num_(0.0, 0.0, 0.0)
-        z_next = torch.baddbmm(base.reshape(b, 1, -1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
-        z_next = z_next.view_as(base)
+        z_next = torch.baddbmm(flat(base).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
+        z_next = z_next.view(base.shape)
         return z_next, (dg_hist, dz_hist, system, gf, af)
