@@ -2,6 +2,8 @@
 
 Everything public is imported here; the modules behind it are private.
 """
+from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
+from ._deq import DEQ, jacobian_penalty
 from ._solution import Solution, Status
 from ._solve import solve
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
@@ -16,4 +18,10 @@ __all__ = [
     "FixedPointIteration",
     "Anderson",
     "Broyden",
+    "Implicit",
+    "Phantom",
+    "Unroll",
+    "ConvergenceWarning",
+    "DEQ",
+    "jacobian_penalty",
 ]

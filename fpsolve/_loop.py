@@ -97,6 +97,7 @@ def iterate(
     compact_state = getattr(solver, "compact", None) or compact
     n_active, evaluations = B, 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
+    recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
 
     k = 0
     while True:
@@ -121,7 +122,7 @@ def iterate(
                 )
         evaluations += n_active
         g = fz - z
-        rn, fnorm = _norms(g, fz, dims, norm)
+        rn, fnorm = _norms(g.detach(), fz.detach(), dims, norm) if recording else _norms(g, fz, dims, norm)
         if trace_rows is not None:
             trace_rows.append((idx, rn))
         excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: halt

@@ -51,7 +51,10 @@ class Solution:
     status: torch.Tensor
     evaluations: int
     trace: Optional[torch.Tensor] = None
-    backward_info: Optional[dict] = None
+    #: with backward="implicit": the adjoint solve's own Solution, set when backward runs
+    adjoint: Optional["Solution"] = None
+    #: with DEQ(jacobian_penalty=k): per-sample estimate of ||∂f/∂z||_F² at z (differentiable)
+    jacobian_penalty: Optional[torch.Tensor] = None
 
     def summary(self) -> str:
         """A short human-readable account of the batch."""

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, Tuple, Union
 
 import torch
+from torch import Tensor
 
+from ._backward import Implicit, Phantom, Unroll, implicit_attach, make_backward, phantom_steps, with_value
 from ._loop import iterate
 from ._solution import Solution, Status
 from ._tree import StateLayout, check_x, tensors_in
@@ -16,7 +18,6 @@ SOLVERS: Dict[str, Callable[[], Solver]] = {
     "anderson": Anderson,
     "broyden": Broyden,
 }
-BACKWARDS = ("implicit", "phantom", "unroll", "none")
 HALTINGS = ("sample", "batch")
 NORMS = ("l2", "inf")
 
@@ -55,12 +56,6 @@ def _check_tolerance(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_backward(backward: Any) -> Any:
-    if isinstance(backward, str):
-        _check_choice("backward", backward, BACKWARDS)
-    return backward
-
-
 def solve(
     f: Callable[..., Any],
     z0: Any,
@@ -95,7 +90,7 @@ def solve(
     solver_obj = make_solver(solver)
     _check_choice("halting", halting, HALTINGS)
     _check_choice("norm", norm, NORMS)
-    backward = _check_backward(backward)
+    bw = make_backward(backward)
     for i, t in enumerate(tensors_in(x)):
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
@@ -110,26 +105,40 @@ def solve(
                         converged=empty.bool(), status=empty.clone(), evaluations=0,
                         trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
     fn = layout.wrap(f, x is not None)
-    grad_wanted = torch.is_grad_enabled() and backward != "none"
-    with torch.set_grad_enabled(grad_wanted):
+    grad_mode = torch.is_grad_enabled() and bw is not None
+    with torch.set_grad_enabled(grad_mode):
         first = f(z0, x) if x is not None else f(z0)
     layout.check_output(first)
-    if grad_wanted and any(t.requires_grad for t in tensors_in(first)):
-        raise NotImplementedError(
-            f"backward={backward!r}: gradients through the solve are not implemented yet; pass "
-            f"backward='none' (sol.z is then detached) or call solve under torch.no_grad()."
-        )
-    with torch.no_grad():
-        fz0 = layout.pack(first)
-        if fz0.requires_grad:
-            fz0 = fz0.detach()
-        res = iterate(
-            fn, z_start, x, fz0, solver_obj,
-            atol=atol, rtol=rtol, max_iter=max_iter,
-            per_sample=halting == "sample", norm=norm, record=record,
-        )
-    return Solution(
-        z=layout.unpack(res.z),
+    fz0 = layout.pack(first)
+    # A graph is needed only if x or a tensor f uses requires grad (f's output tells).
+    needs_grad = grad_mode and fz0.requires_grad
+    options = dict(atol=atol, rtol=rtol, max_iter=max_iter, per_sample=halting == "sample",
+                   norm=norm, record=record)
+    runner = None
+    if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
+        # Record the whole forward solve, solver algebra included.
+        res = iterate(fn, layout.pack(z0), x, fz0, solver_obj, **options)
+        z_out = res.z
+    else:
+        with torch.no_grad():
+            res = iterate(fn, z_start, x, fz0.detach(), solver_obj, **options)
+        z_out = res.z
+        if needs_grad:
+            if isinstance(bw, Implicit):
+                adjoint_solver = solver_obj if bw.solver is None else make_solver(bw.solver)
+                adjoint_options = dict(
+                    options, record=False,
+                    atol=atol if bw.atol is None else float(bw.atol),
+                    rtol=rtol if bw.rtol is None else float(bw.rtol),
+                    max_iter=max_iter if bw.max_iter is None else bw.max_iter,
+                )
+                z_out, runner = implicit_attach(
+                    fn, res.z, x, lambda vjp, g: _solve_adjoint(vjp, g, adjoint_solver, adjoint_options))
+            else:
+                steps, damping = (bw.steps, bw.damping) if isinstance(bw, Phantom) else (bw.steps, 1.0)
+                z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
+    sol = Solution(
+        z=layout.unpack(z_out),
         iterations=res.iterations,
         residual=res.residual,
         converged=res.converged,
@@ -137,6 +146,31 @@ def solve(
         evaluations=res.evaluations,
         trace=res.trace,
     )
+    if runner is not None:
+        runner.solution = sol
+    return sol
+
+
+def _solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, solver: Solver,
+                   options: Dict[str, Any]) -> Tuple[Tensor, Solution]:
+    """Solve u = vjp(u) + grad per sample with the forward loop; u starts at grad."""
+    B = grad.shape[0]
+
+    def h(u: Tensor, xa: Tuple[Tensor, Tensor]) -> Tensor:
+        g_rows, rows = xa
+        if u.shape[0] == B:
+            return vjp(u) + g_rows
+        # Per-sample halting shrank the batch: the graph of f(z*, x) is over all rows.
+        v = u.new_zeros((B,) + tuple(u.shape[1:])).index_copy_(0, rows, u)
+        return vjp(v).index_select(0, rows) + g_rows
+
+    grad = grad.detach()
+    with torch.no_grad():
+        xa = (grad, torch.arange(B, device=grad.device))
+        res = iterate(h, grad, xa, h(grad, xa), solver, **options)
+    adjoint = Solution(z=res.z, iterations=res.iterations, residual=res.residual,
+                       converged=res.converged, status=res.status, evaluations=res.evaluations)
+    return res.z, adjoint
 
 
 __all__ = ["solve", "make_solver", "Status"]

@@ -55,3 +55,15 @@ def eps_for(dtype: torch.dtype) -> float:
 def flat(t: Tensor) -> Tensor:
     """[b, ...] -> [b, n] (no op for the common 2-D state)."""
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+def write_slot(buf: Tensor, index: Tuple[Any, ...], value: Tensor) -> Tensor:
+    """buf[index] = value, in place; out of place (a copy) when autograd records the step.
+
+    Unrolled differentiation (`fpsolve.Unroll`) runs the solvers with grad enabled: tensors
+    saved for backward must then never be overwritten.
+    """
+    if torch.is_grad_enabled() and (value.requires_grad or buf.requires_grad):
+        buf = buf.clone()
+    buf[index] = value
+    return buf

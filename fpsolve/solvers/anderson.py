@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, flat
+from ._base import State, check_positive, flat, write_slot
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,17 @@ class Anderson:
 
         m = min(k, self.m)           # filled slots
         j = (k - 1) % self.m         # the slot this step writes
-        dg = torch.sub(gf, g_prev, out=dg_hist[:, j])
-        col = torch.sub(af, a_prev, out=dz_hist[:, j])       # Δf (β = 1) or Δz
-        if self.beta != 1.0:
-            col.add_(dg, alpha=self.beta)
+        recording = torch.is_grad_enabled() and g.requires_grad   # Unroll: no in-place on saved tensors
+        if recording:
+            dg = gf - g_prev
+            col = af - a_prev if self.beta == 1.0 else (af - a_prev) + self.beta * dg
+            dg_hist = write_slot(dg_hist, (slice(None), j), dg)
+            dz_hist = write_slot(dz_hist, (slice(None), j), col)
+        else:
+            dg = torch.sub(gf, g_prev, out=dg_hist[:, j])
+            col = torch.sub(af, a_prev, out=dz_hist[:, j])       # Δf (β = 1) or Δz
+            if self.beta != 1.0:
+                col.add_(dg, alpha=self.beta)
         # New Gram row (column j against all) and the right-hand side ΔGᵀg. (bmm with the
         # thin operand first is several times faster than with the history first.)
         hist_t = dg_hist[:, :m].transpose(1, 2)
@@ -75,14 +82,14 @@ class Anderson:
         # The ridge is relative to each column's own squared norm (Levenberg-Marquardt
         # scaling): the diagonally scaled system has eigenvalues in [λ, m + λ], so it stays
         # well conditioned, and only the new column's diagonal entry changes.
-        row[:, j] *= 1.0 + self._lambda(z.dtype)
-        sys_m = system[:, :m, :m]
-        sys_m[:, j] = row
-        sys_m[:, :, j] = row
+        row[:, j] *= 1.0 + self._lambda(z.dtype)   # (autograd-safe: bmm saves only its inputs)
+        system = write_slot(system, (slice(None), j, slice(0, m)), row)
+        system = write_slot(system, (slice(None), slice(0, m), j), row)
         # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
         # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
         # its residual did not change) gets non-finite coefficients, zeroed: a plain step.
-        gamma = torch.linalg.solve_ex(sys_m, rhs)[0].nan_to_num_(0.0, 0.0, 0.0)
+        gamma = torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
+        gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
         z_next = torch.baddbmm(flat(base).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
         z_next = z_next.view(base.shape)
         return z_next, (dg_hist, dz_hist, system, gf, af)

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive
+from ._base import State, check_positive, write_slot
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ class Broyden:
         scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
         ok = denom.abs() > self.min_denominator * scale
         new_u = numer * torch.where(ok, denom.reciprocal(), 0.0)   # skipped update: u = 0
-        u_hist[:, count] = new_u.squeeze(1)
-        v_hist[:, count] = zt_h.squeeze(1)
+        u_hist = write_slot(u_hist, (slice(None), count), new_u.squeeze(1))
+        v_hist = write_slot(v_hist, (slice(None), count), zt_h.squeeze(1))
         # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = f(z) - Σ u_i (v_i·g).
         step_new = torch.bmm(zt_h, gf.transpose(1, 2)) * new_u
         z_next = fz - (step_new if not count else comb[:, 1:] + step_new).view_as(fz)
