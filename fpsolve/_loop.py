@@ -160,16 +160,20 @@ def iterate(
                     n_active = 0
                     break
                 if n_done:
-                    # Rows that stay first, in order; then the ones that stop.
-                    order = torch.argsort(done.to(torch.uint8), stable=True)
+                    # One gather per field: the rows that stay come first (in order), the rows
+                    # that stop are the tail, kept as a finished chunk.
+                    order = torch.argsort(done, stable=True)
                     n_active -= n_done
-                    keep, fin = order[:n_active], order[n_active:]
+                    keep = order[:n_active]
                     if idx is None:
-                        idx = torch.arange(B, device=dev)
-                    pick = lambda t: t.index_select(0, fin)  # noqa: E731
-                    finished.append(_Finished(pick(idx), pick(best_z), pick(best_r), k + 1, pick(conv_now)))
-                    take = lambda t: t.index_select(0, keep)  # noqa: E731
-                    idx, best_z, best_r, limit = map(take, (idx, best_z, best_r, limit))
+                        idx = order
+                    else:
+                        idx = idx.index_select(0, order)
+                    best_z, best_r, limit, conv_now = (
+                        t.index_select(0, order) for t in (best_z, best_r, limit, conv_now))
+                    finished.append(_Finished(idx[n_active:], best_z[n_active:], best_r[n_active:],
+                                              k + 1, conv_now[n_active:]))
+                    idx, best_z, best_r, limit = idx[:n_active], best_z[:n_active], best_r[:n_active], limit[:n_active]
                     xa = select_rows(xa, keep)
             else:
                 conv_mask = conv_now if conv_mask is None else conv_mask | conv_now
@@ -220,23 +224,16 @@ def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
 def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Put the finished chunks back in the original row order, with their status codes."""
     dev = finished[0].z.device
-    sizes = [c.z.shape[0] for c in finished]
-    its = torch.repeat_interleave(
-        torch.tensor([c.iterations for c in finished], dtype=torch.int64, device=dev),
-        torch.tensor(sizes, device=dev), output_size=B) if len(finished) > 1 else \
-        torch.full((B,), finished[0].iterations, dtype=torch.int64, device=dev)
-    codes = []
-    for c, n in zip(finished, sizes):
-        if c.converged is None:
-            codes.append(torch.full((n,), int(Status.MAX_ITER), dtype=torch.int64, device=dev))
-        else:
-            codes.append(torch.where(c.converged, int(Status.CONVERGED), int(Status.DIVERGED)))
+    codes = [torch.full((c.z.shape[0],), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
+             if c.converged is None else torch.where(c.converged, int(Status.CONVERGED), int(Status.DIVERGED))
+             for c in finished]
     if len(finished) == 1:   # everyone stopped together and no row was ever dropped
         c = finished[0]
-        return c.z, c.residual, its, codes[0]
-    rows = torch.cat([c.rows for c in finished])   # every chunk has rows once one was dropped
-    order = torch.empty_like(rows)
-    order[rows] = torch.arange(B, device=dev)
-    pick = lambda parts: torch.cat(parts).index_select(0, order)  # noqa: E731
+        return c.z, c.residual, torch.full((B,), c.iterations, dtype=torch.int64, device=dev), codes[0]
+    # Every chunk has its original rows once one was dropped; they form a permutation.
+    inverse = torch.argsort(torch.cat([c.rows for c in finished]))
+    its = torch.tensor([c.iterations for c in finished for _ in range(c.z.shape[0])],
+                       dtype=torch.int64, device=dev)
+    pick = lambda parts: torch.cat(parts).index_select(0, inverse)  # noqa: E731
     return (pick([c.z for c in finished]), pick([c.residual for c in finished]),
-            its.index_select(0, order), pick(codes))
+            its.index_select(0, inverse), pick(codes))

@@ -121,7 +121,7 @@ def solve(
         z_out = res.z
     else:
         with torch.no_grad():
-            res = iterate(fn, z_start, x, fz0.detach(), solver_obj, **options)
+            res = iterate(fn, z_start, x, fz0.detach() if fz0.requires_grad else fz0, solver_obj, **options)
         z_out = res.z
         if needs_grad:
             if isinstance(bw, Implicit):
