@@ -146,11 +146,19 @@ def iterate(
                 if not bool(torch.isfinite(z).all()):
                     raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
                 best_z, best_r = z, rn
-            else:
+            conv_now = excess <= 0
+            if k > 0:
+                # The best iterate: the smallest residual, except that the iterate at which a
+                # sample meets the criterion is taken (so CONVERGED always holds at sol.z), and
+                # a sample that already converged (halting="batch") only moves to iterates
+                # that meet it too.
                 improved = rn < best_r
+                if conv_mask is None:
+                    improved = improved | conv_now
+                else:
+                    improved = (improved & (conv_now | ~conv_mask)) | (conv_now & ~conv_mask)
                 best_z = torch.where(improved.view(bcast), z, best_z)
                 best_r = torch.where(improved, rn, best_r)
-            conv_now = excess <= 0
             bad = ~(rn <= limit)      # non-finite, or blown up
             if per_sample:
                 done = conv_now | bad

@@ -106,8 +106,10 @@ def solve(
                         trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
     fn = layout.wrap(f, x is not None)
     grad_mode = torch.is_grad_enabled() and bw is not None
+    # z0 is only a starting point: the fixed point does not depend on it, so it is detached.
+    z0_start = layout.unpack(z_start) if layout.container is not None else z0.detach()
     with torch.set_grad_enabled(grad_mode):
-        first = f(z0, x) if x is not None else f(z0)
+        first = f(z0_start, x) if x is not None else f(z0_start)
     layout.check_output(first)
     fz0 = layout.pack(first)
     # A graph is needed only if x or a tensor f uses requires grad (f's output tells).
@@ -117,7 +119,7 @@ def solve(
     runner = None
     if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
         # Record the whole forward solve, solver algebra included.
-        res = iterate(fn, layout.pack(z0), x, fz0, solver_obj, **options)
+        res = iterate(fn, z_start, x, fz0, solver_obj, **options)
         z_out = res.z
     else:
         with torch.no_grad():

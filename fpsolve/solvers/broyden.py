@@ -73,7 +73,8 @@ class Broyden:
         denom = torch.bmm(zt_h, dg.transpose(1, 2))                            # Δzᵀ H Δg
         numer = dz - h_dg
         scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
-        ok = denom.abs() > self.min_denominator * scale
+        # (floored at the smallest normal number: a subnormal denominator has no finite inverse)
+        ok = denom.abs() > (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
         new_u = numer * torch.where(ok, denom.reciprocal(), 0.0)   # skipped update: u = 0
         u_hist = write_slot(u_hist, (slice(None), count), new_u.squeeze(1))
         v_hist = write_slot(v_hist, (slice(None), count), zt_h.squeeze(1))
