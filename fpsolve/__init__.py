@@ -4,6 +4,7 @@ Everything public is imported here; the modules behind it are private.
 """
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
+from .blocks import LoopedTransformerBlock
 from ._solution import Solution, Status
 from ._solve import solve
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
@@ -24,4 +25,5 @@ __all__ = [
     "ConvergenceWarning",
     "DEQ",
     "jacobian_penalty",
+    "LoopedTransformerBlock",
 ]

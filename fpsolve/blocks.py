@@ -1,0 +1,63 @@
+"""Blocks built to converge when looped: a weight-tied transformer block for `fpsolve.DEQ`.
+
+What makes a looped block settle (from the prototype behind issue 6; see docs/halting.md):
+pre-norm branches, the input injected at every pass, a small fixed residual scale (about
+0.2), and the state normalised at the end of each pass. Without the last, pre-norm lets the
+state's norm grow linearly: the relative step then falls like 1/t for every input and
+"fixed-point halting" silently becomes a fixed depth (fpsolve.diagnose flags it).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class LoopedTransformerBlock(nn.Module):
+    """z -> Norm(u + a·MLP(LN(u))),  u = z + x + a·Attn(LN(z + x)): one pass of a looped model.
+
+    `dim`: width; `heads`: attention heads; `mlp_ratio`: hidden width / dim; `residual_scale`
+    (a): the branch scale; `prenorm`: LayerNorm before each branch (False: post-norm style
+    branches on the raw state); `normalize_state`: LayerNorm of the state at the end of each
+    pass; `attn_mask`: an optional [L, L] boolean mask (True = may not attend), shared by all
+    samples, e.g. to restrict attention to a cell's neighbours. States are [B, L, dim].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        residual_scale: float = 0.2,
+        prenorm: bool = True,
+        normalize_state: bool = True,
+        dropout: float = 0.0,
+        attn_mask: Optional[Tensor] = None,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
+        if residual_scale <= 0:
+            raise ValueError(f"residual_scale must be > 0; got {residual_scale!r}.")
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        hidden = int(round(mlp_ratio * dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.ln_attn = nn.LayerNorm(dim) if prenorm else nn.Identity()
+        self.ln_mlp = nn.LayerNorm(dim) if prenorm else nn.Identity()
+        self.ln_state = nn.LayerNorm(dim) if normalize_state else nn.Identity()
+        self.residual_scale = residual_scale
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool or attn_mask.ndim != 2:
+                raise ValueError("attn_mask must be a 2-D boolean tensor [L, L] (True = blocked).")
+            self.register_buffer("attn_mask", attn_mask, persistent=False)
+        else:
+            self.attn_mask = None
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        a = self.residual_scale
+        u = z + x
+        h = self.ln_attn(u)
+        u = u + a * self.attn(h, h, h, attn_mask=self.attn_mask, need_weights=False)[0]
+        u = u + a * self.mlp(self.ln_mlp(u))
+        return self.ln_state(u)
