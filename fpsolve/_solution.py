@@ -61,10 +61,12 @@ class Solution:
         counts = {s.name: int((self.status == s).sum()) for s in Status}
         it = self.iterations.double()
         parts = ", ".join(f"{k}: {v}" for k, v in counts.items() if v)
+        finite = self.residual[torch.isfinite(self.residual)]
+        worst = f"{float(finite.max()):.3g}" if finite.numel() else "n/a"
         return (
             f"Solution(B={self.status.numel()}; {parts}; iterations mean {it.mean():.1f} "
             f"max {int(it.max()) if it.numel() else 0}; evaluations {self.evaluations}; "
-            f"max residual {float(self.residual.max()) if self.residual.numel() else 0.0:.3g})"
+            f"max finite residual {worst})"
         )
 
     def __repr__(self) -> str:
