@@ -4,6 +4,7 @@ Everything public is imported here; the modules behind it are private.
 """
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
+from .diagnostics import Flag, Report, diagnose
 from .blocks import LoopedTransformerBlock
 from ._solution import Solution, Status
 from ._solve import solve
@@ -26,4 +27,7 @@ __all__ = [
     "DEQ",
     "jacobian_penalty",
     "LoopedTransformerBlock",
+    "diagnose",
+    "Flag",
+    "Report",
 ]
