@@ -84,11 +84,14 @@ class DEQ(nn.Module):
             # same map at every pass (and cheaper); the graph still reaches the originals.
             with parametrize.cached():
                 sol = solve(self.block, z0, x, **self.options)
-        except ValueError as err:
-            if inferred and "f must map a state" in str(err):
+        except Exception as err:
+            # With z0 inferred, a block that fails on its first call (or returns another shape)
+            # with zeros shaped like x almost always means the state has another width.
+            if inferred and getattr(err, "_fpsolve_at_start", False):
                 raise ValueError(
-                    f"DEQ: z0 defaulted to zeros shaped like x {tuple(x.shape)}, but the block "
-                    f"returns another shape; pass z0 shaped like the state. ({err})"
+                    f"DEQ: z0 defaulted to zeros shaped like x {tuple(x.shape)}, and the block "
+                    f"failed on it or returned another shape; pass z0 shaped like the state "
+                    f"(layer(x, z0=...)). The block said: {err}"
                 ) from err
             raise
         if self.jacobian_penalty and torch.is_grad_enabled():

@@ -108,9 +108,13 @@ def solve(
     grad_mode = torch.is_grad_enabled() and bw is not None
     # z0 is only a starting point: the fixed point does not depend on it, so it is detached.
     z0_start = layout.unpack(z_start) if layout.container is not None else z0.detach()
-    with torch.set_grad_enabled(grad_mode):
-        first = f(z0_start, x) if x is not None else f(z0_start)
-    layout.check_output(first)
+    try:
+        with torch.set_grad_enabled(grad_mode):
+            first = f(z0_start, x) if x is not None else f(z0_start)
+        layout.check_output(first)
+    except Exception as err:
+        err._fpsolve_at_start = True   # type: ignore[attr-defined]  (DEQ reads it)
+        raise
     fz0 = layout.pack(first)
     # A graph is needed only if x or a tensor f uses requires grad (f's output tells).
     needs_grad = grad_mode and fz0.requires_grad
@@ -122,8 +126,10 @@ def solve(
         res = iterate(fn, z_start, x, fz0, solver_obj, **options)
         z_out = res.z
     else:
+        fz0 = fz0.detach() if fz0.requires_grad else fz0
+        del first   # (the graph of the first call is not needed: free it before the loop)
         with torch.no_grad():
-            res = iterate(fn, z_start, x, fz0.detach() if fz0.requires_grad else fz0, solver_obj, **options)
+            res = iterate(fn, z_start, x, fz0, solver_obj, **options)
         z_out = res.z
         if needs_grad:
             if isinstance(bw, Implicit):
