@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import backward  # noqa: E402
 import solvers  # noqa: E402
 from harness import ROOT, Row, git_rev, loadavg, machine, write_json  # noqa: E402
 
@@ -89,6 +90,7 @@ def main() -> None:
     argv = ["--repeats", str(repeats)] + (["--float64"] if args.quick else [])
     rows = solvers.main(argv)
     load_after = loadavg()
+    bw_rows, bw_lines = backward.main(["--repeats", str(repeats)] + ([] if args.quick else ["--float64"]))
     meta = machine()
     cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     lines = [
@@ -120,7 +122,7 @@ def main() -> None:
     rlines, checks = ratios(rows)
     lines += ["", "## fpsolve / torchdeq, same run", ""] + rlines
     lines += ["", "## Targets (issue 3, CPU float32)", "", "| problem | solver | target | measured | |", "|---|---|---|---|---|"] + checks
-    lines.append("")
+    lines += [""] + bw_lines + [""]
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     with open(os.path.join(ROOT, "docs", "benchmarks.md"), "w") as fh:
         fh.write("\n".join(lines))
@@ -129,6 +131,8 @@ def main() -> None:
         d = asdict(r)
         d.pop("extra", None)
         payload.append(d)
+    for r in bw_rows:   # the backward problem's rows, with the keys they have
+        payload.append(dict(r, problem="backward"))
     write_json(os.path.join(ROOT, "docs", "benchmarks.json"), payload)
     print("\n".join(rlines + checks))
 
