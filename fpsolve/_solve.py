@@ -91,7 +91,7 @@ def solve(
     _check_choice("halting", halting, HALTINGS)
     _check_choice("norm", norm, NORMS)
     bw = make_backward(backward)
-    for i, t in enumerate(tensors_in(x)):
+    for t in tensors_in(x):
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
 
@@ -113,7 +113,10 @@ def solve(
             first = f(z0_start, x) if x is not None else f(z0_start)
         layout.check_output(first)
     except Exception as err:
-        err._fpsolve_at_start = True   # type: ignore[attr-defined]  (DEQ reads it)
+        try:   # mark it as raised by the first call (DEQ explains it); never mask the error
+            err._fpsolve_at_start = True   # type: ignore[attr-defined]
+        except Exception:
+            pass
         raise
     fz0 = layout.pack(first)
     # A graph is needed only if x or a tensor f uses requires grad (f's output tells).
