@@ -5,7 +5,7 @@ Everything public is imported here; the modules behind it are private.
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
 from .diagnostics import Flag, Report, diagnose
-from .blocks import LoopedTransformerBlock
+from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status
 from ._solve import solve
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
@@ -27,6 +27,7 @@ __all__ = [
     "DEQ",
     "jacobian_penalty",
     "LoopedTransformerBlock",
+    "SharedDropout",
     "diagnose",
     "Flag",
     "Report",

@@ -11,6 +11,7 @@ from ._backward import make_backward
 from ._solution import Solution
 from ._solve import HALTINGS, NORMS, _check_choice, make_solver, solve
 from ._tree import StateLayout
+from .blocks import SharedDropout
 
 
 def jacobian_penalty(f: Callable[..., Any], z: Tensor, x: Any = None, samples: int = 1) -> Tensor:
@@ -71,6 +72,9 @@ class DEQ(nn.Module):
         self.jacobian_penalty = jacobian_penalty
 
     def forward(self, x: Any, z0: Any = None) -> Tuple[Any, Solution]:
+        for m in self.modules():          # SharedDropout: one mask per forward, every pass
+            if isinstance(m, SharedDropout):
+                m.reset()
         inferred = z0 is None
         if inferred:
             if not isinstance(x, Tensor):

@@ -61,3 +61,34 @@ class LoopedTransformerBlock(nn.Module):
         u = u + a * self.attn(h, h, h, attn_mask=self.attn_mask, need_weights=False)[0]
         u = u + a * self.mlp(self.ln_mlp(u))
         return self.ln_state(u)
+
+
+class SharedDropout(nn.Module):
+    """Dropout whose mask is drawn once per `DEQ` forward and reused at every pass.
+
+    Plain `nn.Dropout` draws a new mask at every call, which makes f a different map at each
+    pass, so the loop cannot settle. Here the mask is shared by all samples of the batch (its
+    batch dimension is 1), so it stays valid when per-sample halting drops rows. `DEQ` calls
+    `reset()` on every SharedDropout in its block at the start of each forward; outside a DEQ,
+    call it yourself. A no-op in eval mode.
+    """
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p must be in [0, 1); got {p!r}.")
+        self.p = p
+        self.mask: Optional[Tensor] = None
+
+    def reset(self) -> None:
+        """Forget the mask; the next training-mode call draws a new one."""
+        self.mask = None
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return z
+        shape = (1,) + tuple(z.shape[1:])
+        if self.mask is None or tuple(self.mask.shape) != shape or self.mask.device != z.device:
+            keep = torch.rand(shape, device=z.device) >= self.p
+            self.mask = keep.to(z.dtype) / (1.0 - self.p)
+        return z * self.mask.to(z.dtype)
