@@ -62,23 +62,33 @@ class Broyden:
         dz = zf - z_prev.unsqueeze(1)
         dg = gf - g_prev.unsqueeze(1)
         u, v = u_hist[:, :count], v_hist[:, :count]
+        # In a plain solve the new pair is written straight into its slot (out=); when autograd
+        # records the step (Unroll), the history is copied instead (write_slot).
+        recording = torch.is_grad_enabled() and g.requires_grad
+        v_slot = None if recording else v_hist[:, count:count + 1]
         if count:
             # (Δg·v_i, g·v_i), then both combinations of the u_i in one pass over U.
             prods = torch.bmm(torch.cat((dg, gf), dim=1), v.transpose(1, 2))   # [b, 2, c]
             comb = torch.bmm(prods, u)                                         # [b, 2, n]
             h_dg = comb[:, :1] - dg                                            # H Δg
-            zt_h = torch.bmm(torch.bmm(dz, u.transpose(1, 2)), v) - dz         # Δzᵀ H
+            zt_h = torch.sub(torch.bmm(torch.bmm(dz, u.transpose(1, 2)), v), dz, out=v_slot)  # Δzᵀ H
         else:
-            h_dg, zt_h = -dg, -dz
+            h_dg = -dg
+            zt_h = torch.neg(dz, out=v_slot)
         denom = torch.bmm(zt_h, dg.transpose(1, 2))                            # Δzᵀ H Δg
         numer = dz - h_dg
         scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
         # (floored at the smallest normal number: a subnormal denominator has no finite inverse)
         ok = denom.abs() > (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
-        new_u = numer * torch.where(ok, denom.reciprocal(), 0.0)   # skipped update: u = 0
-        u_hist = write_slot(u_hist, (slice(None), count), new_u.squeeze(1))
-        v_hist = write_slot(v_hist, (slice(None), count), zt_h.squeeze(1))
+        inv = torch.where(ok, denom.reciprocal(), 0.0)                          # skipped update: u = 0
+        if recording:
+            new_u = numer * inv
+            u_hist = write_slot(u_hist, (slice(None), count), new_u.squeeze(1))
+            v_hist = write_slot(v_hist, (slice(None), count), zt_h.squeeze(1))
+        else:
+            new_u = torch.mul(numer, inv, out=u_hist[:, count:count + 1])
         # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = f(z) - Σ u_i (v_i·g).
-        step_new = torch.bmm(zt_h, gf.transpose(1, 2)) * new_u
-        z_next = fz - (step_new if not count else comb[:, 1:] + step_new).view_as(fz)
+        gv = torch.bmm(zt_h, gf.transpose(1, 2))
+        base = fz.reshape(new_u.shape) if not count else fz.reshape(new_u.shape) - comb[:, 1:]
+        z_next = torch.addcmul(base, gv, new_u, value=-1.0).view_as(fz)
         return z_next, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1)
