@@ -15,6 +15,7 @@ install: .venv/installed
 
 demo: install
 	$(PY) examples/quickstart.py
+	$(PY) examples/halting_study.py --quick
 
 test: install
 	$(PY) -m pytest tests

@@ -1,0 +1,832 @@
+"""Halting as root-finding on a looped transformer: fixed-point halting vs fixed depth vs ACT.
+
+    python examples/halting_study.py --quick      # one seed, small sets, <= 5 min on 2 CPU cores
+    python examples/halting_study.py              # 3 seeds + ablations; writes docs/halting.json
+
+The task (examples/maze.py): reachability on grid mazes, cells as tokens, attention to a cell
+and its 4 neighbours, so a sample's BFS depth d lower-bounds the passes a model needs. The
+model: `fpsolve.LoopedTransformerBlock` (pre-norm, input injected at every pass, residual
+scale 0.2, state normalised each pass) looped with shared weights, trained on 8x8 mazes with
+d <= 12 and tested on 8x8 and 16x16 mazes (d up to ~48) for depth extrapolation.
+
+Training uses unrolled gradients (backpropagation through every pass, what
+`fpsolve.Unroll(steps=None)` computes for plain iteration) written as a loop, because the loss
+reads every pass: a per-sample deep supervision from pass max(d, 1) on (the first pass at
+which the answer can be known), plus a fixed-point penalty on the relative step at every pass
+after that. Implicit or phantom gradients only see the fixed point; here the answer is carried
+by the propagation itself, and early in training there is no fixed point to differentiate at.
+
+The ACT baseline is a halt head on the frozen trunk: from the state it predicts whether the
+current answer is already right (binary cross-entropy, on 8x8 and 16x16 mazes of every
+difficulty), and a sample halts at the first pass where it says so with probability >= tau.
+
+Every rule is evaluated on the same trained weights and the same test set:
+  fixed_depth      K passes for every sample (a sweep of K)
+  act              the learned halt head (a sweep of tau)
+  fixed_point      fpsolve.solve, plain iteration, per-sample halting, ||f(z)-z|| <= rtol ||f(z)||
+                   (norm "inf": largest entry, and "l2"; a sweep of rtol)
+  anderson         the same criterion with Anderson acceleration
+  fixed_point_corrected   plain iteration, halting when the estimated distance to the fixed point
+                   r_t / (1 - rho_t) (rho_t = r_t / r_(t-1)) is below the tolerance
+Then fpsolve.diagnose with and without the task's check, and (full run) the ablations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fpsolve  # noqa: E402
+from maze import MazeLoop, Mazes, generate, make_check  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = os.path.join(ROOT, "docs", "figures")
+TRAIN_MAX_DIFFICULTY = 12
+BUCKETS = [(0, 3), (4, 7), (8, 12), (13, 20), (21, 30), (31, 99)]
+
+
+def bucket_name(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}" if hi < 99 else f"{lo}+"
+
+
+@dataclass
+class Config:
+    seeds: List[int]
+    dim: int = 32
+    heads: int = 2
+    steps: int = 400                 # training steps of the trunk
+    batch: int = 32
+    lr: float = 1e-2
+    settle_weight: float = 0.1       # weight of the fixed-point penalty
+    act_steps: int = 600             # training steps of the halt head
+    act_pool: Tuple[int, int] = (192, 96)   # fresh 8x8 and 16x16 mazes whose states train it
+    n_test: Dict[int, int] = field(default_factory=lambda: {8: 384, 16: 256})
+    max_passes: int = 64             # the generous maximum for K_sat and every rule's budget
+    max_test_difficulty: int = 48
+    rtols: Tuple[float, ...] = (0.3, 0.1, 3e-2, 1e-2, 1e-3, 1e-4)
+    anderson_rtols: Tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+    act_taus: Tuple[float, ...] = (0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
+    n_val: Dict[int, int] = field(default_factory=lambda: {8: 128, 16: 64})
+    default_rtol: float = 1e-3       # the tolerance of the ablations' diagnose runs
+    n_diagnose: Dict[int, int] = field(default_factory=lambda: {8: 96, 16: 64})
+    ablations: Tuple[str, ...] = ("no_state_norm", "no_prenorm", "residual_scale_1")
+    ablation_steps: int = 400
+
+
+QUICK = Config(seeds=[0], steps=220, batch=32, act_steps=400, act_pool=(128, 48), n_test={8: 192, 16: 96},
+               rtols=(0.1, 1e-2, 1e-3, 1e-4), anderson_rtols=(1e-2,), act_taus=(0.5, 0.7, 0.9, 0.99),
+               n_val={8: 96, 16: 48},
+               n_diagnose={8: 48, 16: 32}, ablations=(), max_passes=60)
+FULL = Config(seeds=[0, 1, 2])
+
+VARIANTS = {
+    "main": dict(),
+    "no_state_norm": dict(normalize_state=False),
+    "no_prenorm": dict(prenorm=False),
+    "residual_scale_1": dict(residual_scale=1.0),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------
+
+def as_tensors(m: Mazes) -> Tuple[Tensor, Tensor, Tensor]:
+    return (torch.as_tensor(m.cells), torch.as_tensor(m.reachable).flatten(1),
+            torch.as_tensor(m.difficulty))
+
+
+def train_trunk(cfg: Config, seed: int, variant: str, steps: int, bar=None,
+                snapshot_at: Tuple[int, ...] = ()) -> Tuple[MazeLoop, List[float], Dict[int, dict]]:
+    """The looped model trained on 8x8 mazes with d <= 12 (unrolled gradients, see the top).
+
+    With `snapshot_at`, copies of the weights at those steps are returned too: part-trained
+    models, a source of confident wrong fixed points for the diagnose study."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(1000 + seed)
+    model = MazeLoop(cfg.dim, cfg.heads, **VARIANTS[variant])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    losses, snapshots = [], {}
+    for step in range(steps):
+        if step in snapshot_at:
+            snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        cells, labels, d = as_tensors(generate(cfg.batch, 8, rng, max_difficulty=TRAIN_MAX_DIFFICULTY))
+        x = model.inputs(cells)
+        open_ = (cells.flatten(1) > 0).float()
+        first = d.clamp_min(1)                          # the first pass the answer can be known
+        T = int(first.max()) + int(rng.integers(2, 6))  # a few passes beyond the hardest sample
+        z = torch.zeros_like(x[0])
+        ce = settle = torch.zeros(cfg.batch)
+        for t in range(1, T + 1):
+            z_new = model(z, x)
+            on = (t >= first).float()
+            bce = F.binary_cross_entropy_with_logits(model.logits(z_new), labels.float(), reduction="none")
+            ce = ce + on * (bce * open_).sum(1) / open_.sum(1)
+            if t >= 2:
+                step_sq = (z_new - z).pow(2).sum(-1) / z_new.pow(2).sum(-1).clamp_min(1e-6)
+                settle = settle + (t > first).float() * (step_sq * open_).sum(1) / open_.sum(1)
+            z = z_new
+        count = (T + 1 - first).float()
+        loss = ((ce + cfg.settle_weight * settle) / count).mean()
+        if not torch.isfinite(loss):
+            losses.append(float("nan"))
+            continue
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{variant} seed {seed} loss {np.mean(losses[-20:]):.4f}")
+    model.eval()
+    return model, losses, snapshots
+
+
+class HaltHead(nn.Module):
+    """ACT halt head: per-cell features, pooled (mean and max over open cells) into one logit
+    of 'the current answer is already right'."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.tok = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.out = nn.Linear(2 * dim, 1)
+
+    def forward(self, z: Tensor, open_: Tensor) -> Tensor:
+        h = self.tok(z)
+        w = open_.unsqueeze(-1).to(h.dtype)
+        mean = (h * w).sum(1) / w.sum(1).clamp_min(1)
+        top = h.masked_fill(~open_.unsqueeze(-1), -1e4).amax(1)
+        return self.out(torch.cat([mean, top], -1)).squeeze(-1)
+
+
+def train_halt_head(model: MazeLoop, cfg: Config, seed: int, bar=None) -> HaltHead:
+    """BCE on 'the prediction at this pass is entirely right', on 8x8 and 16x16 mazes of every
+    difficulty: the trunk's states at every pass are computed once (a pool of fresh mazes),
+    then the head is trained on random (maze, pass) pairs from the pool."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(2000 + seed)
+    pools = []
+    for n, count in ((8, cfg.act_pool[0]), (16, cfg.act_pool[1])):
+        cells, labels, d = as_tensors(generate(count, n, rng, max_difficulty=cfg.max_test_difficulty))
+        open_ = cells.flatten(1) > 0
+        T = min(cfg.max_passes, int(d.max()) + 10)
+        zs = []
+        with torch.no_grad():
+            x = model.inputs(cells)
+            z = torch.zeros_like(x[0])
+            for _ in range(T):
+                z = model(z, x)
+                zs.append(z)
+            zs = torch.stack(zs)                                                  # [T, B, L, D]
+            right = ((model.logits(zs) > 0) & open_ == labels).all(-1).float()    # [T, B]
+        pools.append((zs.flatten(0, 1), open_.repeat(T, 1), right.flatten()))
+    head = HaltHead(cfg.dim)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for step in range(cfg.act_steps):
+        loss = 0.0
+        for zs, open_, right in pools:
+            idx = torch.randint(len(right), (128,))
+            loss = loss + F.binary_cross_entropy_with_logits(head(zs[idx], open_[idx]), right[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if bar is not None and step % 10 == 9:
+            bar.update(10)
+            bar.set_postfix_str(f"act head seed {seed} bce {loss.item() / 2:.3f}")
+    head.eval()
+    return head
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation: one plain run (per-pass predictions), then every rule
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class PlainRun:
+    """Plain iteration of the trained model for max_passes passes (index t: after t passes)."""
+
+    correct: Tensor      # bool [T+1, B]: the whole prediction right after t passes
+    changed: Tensor      # bool [T+1, B]: the prediction differs from the one after max_passes
+    act: Tensor          # [T+1, B]: the halt head's probability after t passes
+    step: Dict[str, Tensor]   # norm -> [T, B]: ||z_(t+1) - z_t||
+    scale: Dict[str, Tensor]  # norm -> [T, B]: ||z_(t+1)||
+
+
+def plain_run(model: MazeLoop, head: HaltHead, cells: Tensor, labels: Tensor, T: int,
+              chunk: int = 128) -> PlainRun:
+    parts = []
+    for s in range(0, cells.shape[0], chunk):
+        c, y = cells[s:s + chunk], labels[s:s + chunk]
+        open_ = c.flatten(1) > 0
+        with torch.no_grad():
+            x = model.inputs(c)
+            z = torch.zeros_like(x[0])
+            preds, acts, steps, scales = [model.predict(z, x[1])], [torch.sigmoid(head(z, open_))], [], []
+            for _ in range(T):
+                z_new = model(z, x)
+                g = (z_new - z).flatten(1)
+                steps.append(torch.stack([g.norm(dim=1), g.abs().amax(1)]))
+                scales.append(torch.stack([z_new.flatten(1).norm(dim=1), z_new.flatten(1).abs().amax(1)]))
+                z = z_new
+                preds.append(model.predict(z, x[1]))
+                acts.append(torch.sigmoid(head(z, open_)))
+        preds = torch.stack(preds)
+        parts.append(((preds == y).all(-1), (preds != preds[-1]).any(-1), torch.stack(acts),
+                      torch.stack(steps, 1), torch.stack(scales, 1)))
+    cat = lambda i, dim: torch.cat([p[i] for p in parts], dim)  # noqa: E731
+    step, scale = cat(3, 2), cat(4, 2)
+    return PlainRun(cat(0, 1), cat(1, 1), cat(2, 1), {"l2": step[0], "inf": step[1]},
+                    {"l2": scale[0], "inf": scale[1]})
+
+
+@dataclass
+class Halts:
+    """One rule on one test set: per sample the passes spent, right or not, settled or not."""
+
+    passes: Tensor     # int64 [B]
+    correct: Tensor    # bool [B]
+    settled: Tensor    # bool [B]: the rule believes the sample finished (converged / confident)
+
+
+def k_sat(run: PlainRun) -> Tensor:
+    """The first pass from which the prediction no longer changes (up to max_passes)."""
+    T1 = run.changed.shape[0]
+    idx = torch.arange(T1).unsqueeze(1).expand_as(run.changed)
+    last_change = torch.where(run.changed, idx, torch.full_like(idx, -1)).amax(0)
+    return last_change + 1
+
+
+def fixed_depth(run: PlainRun, K: int) -> Halts:
+    B = run.correct.shape[1]
+    passes = torch.full((B,), K, dtype=torch.int64)
+    return Halts(passes, run.correct[K], ~run.changed[K])
+
+
+def act_rule(run: PlainRun, tau: float) -> Halts:
+    T = run.correct.shape[0] - 1
+    fire = run.act[1:] >= tau                      # halting is decided after a pass
+    has = fire.any(0)
+    passes = torch.where(has, fire.float().argmax(0) + 1, torch.full_like(has, T, dtype=torch.int64))
+    return Halts(passes, run.correct.gather(0, passes.view(1, -1)).squeeze(0), has)
+
+
+def corrected_rule(run: PlainRun, rtol: float, norm: str) -> Halts:
+    """Halt after pass t+1 when r_t / (1 - rho_t) <= rtol ||z_(t+1)||, rho_t = r_t / r_(t-1).
+
+    The distance to the fixed point of a map contracting by rho is at most r / (1 - rho); rho
+    is estimated from the last two steps (at least the larger of the last two ratios, so one
+    lucky small step does not count as fast contraction) and capped below 1."""
+    r, s = run.step[norm], run.scale[norm]
+    T = r.shape[0]
+    ratio = torch.ones_like(r)
+    ratio[1:] = r[1:] / r[:-1].clamp_min(1e-30)
+    rho = ratio.clone()
+    rho[1:] = torch.maximum(ratio[1:], ratio[:-1])
+    rho = rho.clamp(0.0, 0.999)
+    rho[0] = 0.999                                  # no estimate from one step: be cautious
+    ok = r / (1 - rho) <= rtol * s
+    has = ok.any(0)
+    passes = torch.where(has, ok.float().argmax(0) + 1, torch.full_like(has, T, dtype=torch.int64))
+    return Halts(passes, run.correct.gather(0, passes.view(1, -1)).squeeze(0), has)
+
+
+def step_rule(run: PlainRun, rtol: float, norm: str) -> Halts:
+    """fpsolve's criterion ||f(z)-z|| <= rtol ||f(z)|| replayed on the plain run (validation)."""
+    ok = run.step[norm] <= rtol * run.scale[norm]
+    has = ok.any(0)
+    T = ok.shape[0]
+    passes = torch.where(has, ok.float().argmax(0) + 1, torch.full_like(has, T, dtype=torch.int64))
+    return Halts(passes, run.correct.gather(0, passes.view(1, -1)).squeeze(0), has)
+
+
+def choose_operating_points(model: MazeLoop, head: "HaltHead", val: Dict[int, Mazes], cfg: Config) -> dict:
+    """Per family, the cheapest setting whose accuracy on a validation set (fresh mazes of both
+    sizes, never the test set) is within 0.5 point of plain iteration's after max_passes."""
+    runs = []
+    for n, m in val.items():
+        cells, labels, _ = as_tensors(m)
+        runs.append(plain_run(model, head, cells, labels, cfg.max_passes))
+    target = float(torch.cat([r.correct[-1] for r in runs]).float().mean()) - 0.005
+    families = {
+        "act": (cfg.act_taus, lambda r, v: act_rule(r, v)),
+        "fixed_point_inf": (cfg.rtols, lambda r, v: step_rule(r, v, "inf")),
+        "fixed_point_l2": (cfg.rtols, lambda r, v: step_rule(r, v, "l2")),
+        "fixed_point_corrected": (cfg.rtols, lambda r, v: corrected_rule(r, v, "inf")),
+    }
+    chosen = {}
+    for fam, (settings, fn) in families.items():
+        scored = []
+        for v in settings:
+            h = cat_halts([fn(r, v) for r in runs])
+            scored.append((float(h.correct.float().mean()) >= target, -float(h.passes.float().mean()), v))
+        ok = [t for t in scored if t[0]]
+        chosen[fam] = max(ok)[2] if ok else max(scored, key=lambda t: t[1])[2]
+    tols = [v for v in cfg.anderson_rtols if v <= chosen["fixed_point_inf"]]
+    chosen["anderson_inf"] = max(tols) if tols else min(cfg.anderson_rtols)
+    return chosen
+
+
+def fpsolve_rule(model: MazeLoop, cells: Tensor, labels: Tensor, solver: str, norm: str, rtol: float,
+                 T: int, chunk: int = 256) -> Halts:
+    """The fixed-point rule as fpsolve runs it: per-sample halting, its iteration counts."""
+    out = []
+    for s in range(0, cells.shape[0], chunk):
+        c, y = cells[s:s + chunk], labels[s:s + chunk]
+        with torch.no_grad():
+            x = model.inputs(c)
+            sol = fpsolve.solve(model, torch.zeros_like(x[0]), x, solver=solver, norm=norm, rtol=rtol,
+                                max_iter=T, backward="none")
+            pred = model.predict(sol.z, x[1])
+        out.append((sol.iterations, (pred == y).all(-1), sol.converged))
+    return Halts(*(torch.cat([o[i] for o in out]) for i in range(3)))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan")
+    return float(spearmanr(a, b).correlation)
+
+
+def metrics(h: Halts, ksat: Tensor, right_later: Tensor, difficulty: Tensor) -> dict:
+    """Everything the issue asks per rule (pooled over the test sets it is given)."""
+    passes, correct, settled = h.passes.numpy(), h.correct.numpy(), h.settled.numpy()
+    d, ks, later = difficulty.numpy(), ksat.numpy(), right_later.numpy()
+    premature = (passes < ks) & ~correct & later
+    res = {
+        "accuracy": float(correct.mean()),
+        "mean_passes": float(passes.mean()),
+        "spearman_difficulty": spearman(passes, d),
+        "spearman_in_distribution": spearman(passes[d <= TRAIN_MAX_DIFFICULTY], d[d <= TRAIN_MAX_DIFFICULTY]),
+        "premature_halt_rate": float(premature.mean()),
+        "accuracy_harder_than_training": float(correct[d > TRAIN_MAX_DIFFICULTY].mean())
+        if (d > TRAIN_MAX_DIFFICULTY).any() else float("nan"),
+        "settled_wrong_rate": float((settled & ~correct).mean()),
+        "settled_correct_table": {"settled_correct": int((settled & correct).sum()),
+                                  "settled_wrong": int((settled & ~correct).sum()),
+                                  "unsettled_correct": int((~settled & correct).sum()),
+                                  "unsettled_wrong": int((~settled & ~correct).sum())},
+        "accuracy_by_bucket": {}, "median_overshoot_correct": {}, "premature_by_bucket": {},
+        "count_by_bucket": {},
+    }
+    for lo, hi in BUCKETS:
+        m = (d >= lo) & (d <= hi)
+        name = bucket_name(lo, hi)
+        res["count_by_bucket"][name] = int(m.sum())
+        if not m.any():
+            continue
+        res["accuracy_by_bucket"][name] = float(correct[m].mean())
+        over = (passes - ks)[m & correct]
+        res["median_overshoot_correct"][name] = float(np.median(over)) if len(over) else float("nan")
+        res["premature_by_bucket"][name] = float(premature[m].mean())
+    return res
+
+
+def cat_halts(parts: List[Halts]) -> Halts:
+    return Halts(*(torch.cat([getattr(p, k) for p in parts]) for k in ("passes", "correct", "settled")))
+
+
+def evaluate(model: MazeLoop, head: HaltHead, tests: Dict[int, Mazes], val: Dict[int, Mazes], cfg: Config,
+             bar=None) -> dict:
+    """Every rule on every test set; returns per-rule-setting metrics and the sweep curves."""
+    T = cfg.max_passes
+    runs, ksats, later, diffs, raw = {}, [], [], [], {}
+    for n, m in tests.items():
+        cells, labels, d = as_tensors(m)
+        runs[n] = (plain_run(model, head, cells, labels, T), cells, labels)
+        ksats.append(k_sat(runs[n][0]))
+        later.append(runs[n][0].correct[-1])
+        diffs.append(d)
+        if bar is not None:
+            bar.update(1)
+    ksat, right_later, difficulty = torch.cat(ksats), torch.cat(later), torch.cat(diffs)
+
+    settings = {}
+    for K in range(1, T + 1):
+        settings[("fixed_depth", K)] = lambda r, K=K: fixed_depth(r[0], K)
+    for tau in cfg.act_taus:
+        settings[("act", tau)] = lambda r, tau=tau: act_rule(r[0], tau)
+    for rtol in cfg.rtols:
+        for norm in ("inf", "l2"):
+            settings[(f"fixed_point_{norm}", rtol)] = (
+                lambda r, rtol=rtol, norm=norm: fpsolve_rule(model, r[1], r[2], "fixed_point", norm, rtol, T))
+        settings[("fixed_point_corrected", rtol)] = lambda r, rtol=rtol: corrected_rule(r[0], rtol, "inf")
+    for rtol in cfg.anderson_rtols:
+        settings[("anderson_inf", rtol)] = (
+            lambda r, rtol=rtol: fpsolve_rule(model, r[1], r[2], "anderson", "inf", rtol, T))
+    results = {}
+    for key, fn in settings.items():
+        h = cat_halts([fn(runs[n]) for n in tests])
+        results[key] = metrics(h, ksat, right_later, difficulty)
+        raw[key] = h
+        if bar is not None and key[0] != "fixed_depth":
+            bar.update(1)
+    best_K = max(range(1, T + 1), key=lambda K: (round(results[("fixed_depth", K)]["accuracy"], 4), -K))
+    extra = {
+        "chosen": choose_operating_points(model, head, val, cfg),
+        "best_fixed_depth": {"depth": best_K, "accuracy": results[("fixed_depth", best_K)]["accuracy"]},
+        "difficulty": difficulty, "ksat": ksat, "right_later": right_later, "raw": raw,
+        "hard_accuracy_at_max": float(right_later[difficulty > TRAIN_MAX_DIFFICULTY].float().mean()),
+    }
+    return {"results": results, **extra}
+
+
+# ---------------------------------------------------------------------------------------
+# diagnose
+# ---------------------------------------------------------------------------------------
+
+def run_diagnose(model: MazeLoop, tests: Dict[int, Mazes], cfg: Config, rtol: float, restarts: int = 2) -> dict:
+    """fpsolve.diagnose on a subset of the test sets, with the task's check; the internal flags
+    (everything but INCONSISTENT) are what diagnose says without check=."""
+    rows = []
+    for n, m in tests.items():
+        k = cfg.n_diagnose[n]
+        cells, labels, d = as_tensors(m)
+        cells, labels = cells[:k], labels[:k]
+        with torch.no_grad():
+            x = model.inputs(cells)
+            rep = fpsolve.diagnose(model, torch.zeros_like(x[0]), x, restarts=restarts, check=make_check(model),
+                                   solver="fixed_point", norm="inf", rtol=rtol, max_iter=cfg.max_passes)
+            correct = (model.predict(rep.solution.z, x[1]) == labels).all(-1)
+        for i, flags in enumerate(rep.flags):
+            rows.append((bool(rep.solution.converged[i]), bool(correct[i]),
+                         {f.name for f in flags if f.name != "INCONSISTENT"}, "INCONSISTENT" in {f.name for f in flags}))
+    return summarize_diagnose(rows)
+
+
+def summarize_diagnose(rows) -> dict:
+    sw = [r for r in rows if r[0] and not r[1]]     # settled but wrong: false halts
+    sc = [r for r in rows if r[0] and r[1]]         # settled and correct
+    rate = lambda rs, fn: float(np.mean([fn(r) for r in rs])) if rs else float("nan")  # noqa: E731
+    counts: Dict[str, int] = {}
+    for r in rows:
+        for name in r[2]:
+            counts[name] = counts.get(name, 0) + 1
+    return {
+        "samples": len(rows), "settled_wrong": len(sw), "settled_correct": len(sc),
+        "settled_wrong_recall": rate(sw, lambda r: bool(r[2])),
+        "false_alarm_rate": rate(sc, lambda r: bool(r[2])),
+        "check_recall": rate(sw, lambda r: r[3]),
+        "check_false_alarm_rate": rate(sc, lambda r: r[3]),
+        "flag_counts": counts, "rows": rows,
+    }
+
+
+def ablation_flags(model: MazeLoop, tests: Dict[int, Mazes], cfg: Config) -> dict:
+    """diagnose (no restarts, with the check) on an ablated model: how often loops oscillate,
+    diverge or fake convergence; accuracy of fixed-point halting; the rows for the recall study."""
+    rows, acc, drows = [], [], []
+    for n, m in tests.items():
+        k = cfg.n_diagnose[n]
+        cells, labels, _ = as_tensors(m)
+        cells, labels = cells[:k], labels[:k]
+        with torch.no_grad():
+            x = model.inputs(cells)
+            rep = fpsolve.diagnose(model, torch.zeros_like(x[0]), x, restarts=0, solver="fixed_point",
+                                   check=make_check(model), norm="inf", rtol=cfg.default_rtol,
+                                   max_iter=cfg.max_passes)
+            acc.append((model.predict(rep.solution.z, x[1]) == labels).all(-1))
+        rows += [{f.name for f in fl} for fl in rep.flags]
+        drows += [(bool(rep.solution.converged[i]), bool(acc[-1][i]), rows[-len(rep.flags) + i] - {"INCONSISTENT"},
+                   "INCONSISTENT" in rows[-len(rep.flags) + i]) for i in range(len(rep.flags))]
+    frac = lambda name: float(np.mean([name in r for r in rows]))  # noqa: E731
+    return {"oscillation_rate": frac("OSCILLATION"), "divergence_rate": frac("DIVERGENCE"),
+            "false_halt_rate": frac("FALSE_HALT"), "slow_contraction_rate": frac("SLOW_CONTRACTION"),
+            "stagnation_rate": frac("STAGNATION"), "healthy_rate": float(np.mean([not r for r in rows])),
+            "accuracy": float(torch.cat(acc).float().mean()), "rows": drows}
+
+
+# ---------------------------------------------------------------------------------------
+# the table, the figures, the json
+# ---------------------------------------------------------------------------------------
+
+def named_rules(ev: dict, cfg: Config) -> Dict[str, dict]:
+    """The operating points the table names (chosen before looking: rtol, tau; K the best)."""
+    r, c = ev["results"], ev["chosen"]
+    K = ev["best_fixed_depth"]["depth"]
+    return {
+        f"fixed_depth (K={K}, best)": r[("fixed_depth", K)],
+        f"act (tau={c['act']:g})": r[("act", c["act"])],
+        f"fixed_point (inf, {c['fixed_point_inf']:g})": r[("fixed_point_inf", c["fixed_point_inf"])],
+        f"fixed_point_l2 ({c['fixed_point_l2']:g})": r[("fixed_point_l2", c["fixed_point_l2"])],
+        f"anderson (inf, {c['anderson_inf']:g})": r[("anderson_inf", c["anderson_inf"])],
+        f"fixed_point_corrected ({c['fixed_point_corrected']:g})":
+            r[("fixed_point_corrected", c["fixed_point_corrected"])],
+    }
+
+
+def print_table(rules: Dict[str, dict]) -> str:
+    names = [bucket_name(lo, hi) for lo, hi in BUCKETS]
+    lines = [f"{'rule':28s} {'acc':>6s} {'passes':>7s} {'rho_all':>7s} {'rho_in':>7s} {'prem%':>6s} {'sw%':>6s}  "
+             + "acc/overshoot by difficulty " + " ".join(f"{n:>9s}" for n in names)]
+    for name, m in rules.items():
+        cells = []
+        for b in names:
+            if b in m["accuracy_by_bucket"]:
+                cells.append(f"{m['accuracy_by_bucket'][b]:.2f}/{m['median_overshoot_correct'][b]:+.0f}".rjust(9))
+            else:
+                cells.append(" " * 9)
+        lines.append(f"{name:28s} {m['accuracy']:6.3f} {m['mean_passes']:7.1f} {m['spearman_difficulty']:7.2f} "
+                     f"{m['spearman_in_distribution']:7.2f} {100 * m['premature_halt_rate']:6.2f} "
+                     f"{100 * m['settled_wrong_rate']:6.2f}  {'':27s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def make_figures(ev: dict, cfg: Config, ablation: Optional[dict], tag: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(FIGURES, exist_ok=True)
+    r, out = ev["results"], []
+    fam = {"fixed_depth": ("k", "fixed depth K"), "act": ("tab:red", "ACT (tau)"),
+           "fixed_point_inf": ("tab:blue", "fixed point, inf"), "fixed_point_l2": ("tab:cyan", "fixed point, l2"),
+           "anderson_inf": ("tab:purple", "Anderson, inf"),
+           "fixed_point_corrected": ("tab:green", "distance-corrected")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for f, (color, label) in fam.items():
+        pts = sorted((v["mean_passes"], v["accuracy"]) for k, v in r.items() if k[0] == f)
+        ax.plot(*zip(*pts), "-" if f == "fixed_depth" else "o-", color=color, label=label, ms=4, lw=1.2)
+    ax.set_xlabel("mean passes per sample (compute)")
+    ax.set_ylabel("accuracy (whole maze right)")
+    ax.set_title("Accuracy vs compute, 8x8 + 16x16 test mazes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out.append(os.path.join(FIGURES, f"halting_compute{tag}.png"))
+    fig.tight_layout()
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    d = ev["difficulty"].numpy()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(d, ev["ksat"].numpy() + 0.15 * np.random.default_rng(0).standard_normal(len(d)), ".", color="0.7",
+            ms=3, label="K_sat (prediction stops changing)")
+    ax.plot([0, d.max()], [0, d.max()], ":", color="0.4", lw=1, label="passes = difficulty (lower bound)")
+    K = ev["best_fixed_depth"]["depth"]
+    c = ev["chosen"]
+    for key, color, label in ((("fixed_point_inf", c["fixed_point_inf"]), "tab:blue",
+                               f"fixed point (inf, rtol {c['fixed_point_inf']:g})"),
+                              (("act", c["act"]), "tab:red", f"ACT (tau {c['act']:g})"),
+                              (("fixed_point_corrected", c["fixed_point_corrected"]), "tab:green",
+                               f"distance-corrected (rtol {c['fixed_point_corrected']:g})")):
+        p = ev["raw"][key].passes.numpy()
+        xs = np.unique(d)
+        ax.plot(xs, [np.median(p[d == v]) for v in xs], "-", color=color, label=label + ", median")
+    ax.axhline(K, color="k", lw=1, ls="--", label=f"best fixed depth K={K}")
+    ax.axvline(TRAIN_MAX_DIFFICULTY + 0.5, color="0.5", lw=0.8)
+    ax.set_xlabel("difficulty (BFS depth)")
+    ax.set_ylabel("passes at halt")
+    ax.set_title("Passes vs difficulty (right of the grey line: harder than training)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    out.append(os.path.join(FIGURES, f"halting_difficulty{tag}.png"))
+    fig.tight_layout()
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    names = [bucket_name(lo, hi) for lo, hi in BUCKETS]
+    rules = named_rules(ev, cfg)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    w = 0.8 / len(rules)
+    for i, (name, m) in enumerate(rules.items()):
+        xs = np.arange(len(names)) + i * w
+        axes[0].bar(xs, [m["median_overshoot_correct"].get(b, np.nan) for b in names], w, label=name)
+        axes[1].bar(xs, [100 * m["premature_by_bucket"].get(b, np.nan) for b in names], w, label=name)
+    for a, t in zip(axes, ("median overshoot on correct halts (halt - K_sat)", "premature halts (%)")):
+        a.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
+        a.set_xticklabels(names)
+        a.set_xlabel("difficulty bucket")
+        a.set_title(t, fontsize=10)
+        a.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    out.append(os.path.join(FIGURES, f"halting_overshoot{tag}.png"))
+    fig.tight_layout()
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    if ablation:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        keys = ["oscillation_rate", "divergence_rate", "false_halt_rate", "slow_contraction_rate", "stagnation_rate"]
+        w = 0.8 / len(keys)
+        names_a = list(ablation)
+        for i, k in enumerate(keys):
+            ax.bar(np.arange(len(names_a)) + i * w, [100 * ablation[a][k] for a in names_a], w, label=k.replace("_rate", ""))
+        ax.set_xticks(np.arange(len(names_a)) + 0.4 - w / 2)
+        ax.set_xticklabels(names_a, fontsize=8)
+        ax.set_ylabel("% of test samples flagged")
+        ax.set_title("fpsolve.diagnose flags per ablation")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        out.append(os.path.join(FIGURES, f"halting_ablation{tag}.png"))
+        fig.tight_layout()
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
+    return out
+
+
+def jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): jsonable(w) for k, w in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(w) for w in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return jsonable(v.item())
+    return v
+
+
+def mean_spread(values: List[float]) -> Tuple[float, float]:
+    a = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    return (float(a.mean()), float(a.std())) if len(a) else (float("nan"), float("nan"))
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one seed, small sets, no ablations (<= 5 min)")
+    p.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
+    p.add_argument("--steps", type=int, help="override the training steps")
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--ablations", nargs="*", choices=[v for v in VARIANTS if v != "main"],
+                   help="override the ablations to run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--out", default=None, help="json path (full run default: docs/halting.json)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    cfg = QUICK if args.quick else FULL
+    if args.seeds:
+        cfg = replace(cfg, seeds=args.seeds)
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps, ablation_steps=args.steps)
+    if args.ablations is not None:
+        cfg = replace(cfg, ablations=tuple(args.ablations))
+    if args.no_ablation:
+        cfg = replace(cfg, ablations=())
+    tag = "_quick" if args.quick else ""
+    t0 = time.time()
+    rng = np.random.default_rng(12345)
+    tests = {n: generate(cfg.n_test[n], n, rng, max_difficulty=cfg.max_test_difficulty) for n in (8, 16)}
+    val = {n: generate(cfg.n_val[n], n, rng, max_difficulty=cfg.max_test_difficulty) for n in (8, 16)}
+    n_rule_settings = len(cfg.act_taus) + 3 * len(cfg.rtols) + len(cfg.anderson_rtols) + 2
+    total = len(cfg.seeds) * (cfg.steps + cfg.act_steps + n_rule_settings) + len(cfg.ablations) * cfg.ablation_steps
+    bar = tqdm(total=total, desc="halting study", unit="step", dynamic_ncols=True, mininterval=2.0)
+
+    per_seed, diag_rows, healthy_rows = [], [], []
+    for seed in cfg.seeds:
+        model, losses, snaps = train_trunk(cfg, seed, "main", cfg.steps, bar,
+                                           snapshot_at=(int(0.4 * cfg.steps), int(0.6 * cfg.steps)))
+        head = train_halt_head(model, cfg, seed, bar)
+        ev = evaluate(model, head, tests, val, cfg, bar)
+        extrapolated = ev["hard_accuracy_at_max"] >= 0.95
+        bar.set_postfix_str(f"diagnose seed {seed}")
+        rtol = ev["chosen"]["fixed_point_inf"]
+        dg = run_diagnose(model, tests, cfg, rtol)
+        dg_part = {}
+        for step, state in snaps.items():
+            half = MazeLoop(cfg.dim, cfg.heads)
+            half.load_state_dict(state)
+            half.eval()
+            dg_part[f"step {step}"] = run_diagnose(half, tests, cfg, rtol)
+        diag_rows += dg["rows"] + sum((v["rows"] for v in dg_part.values()), [])
+        if extrapolated:
+            healthy_rows += dg["rows"]
+        per_seed.append({"seed": seed, "eval": ev, "extrapolated": extrapolated, "diagnose": dg,
+                         "diagnose_part_trained_runs": dg_part, "final_loss": float(np.mean(losses[-20:]))})
+    ablation = {}
+    for name in cfg.ablations:
+        model, _, _ = train_trunk(cfg, cfg.seeds[0], name, cfg.ablation_steps, bar)
+        bar.set_postfix_str(f"diagnose {name}")
+        ablation[name] = ablation_flags(model, tests, cfg)
+        diag_rows += ablation[name].pop("rows")
+    if ablation:
+        ablation["main"] = ablation_flags_from_seed(per_seed[0])
+    bar.close()
+    runtime = time.time() - t0
+
+    # --- report -------------------------------------------------------------------------------
+    for s in per_seed:
+        print(f"\nseed {s['seed']}: trained loss {s['final_loss']:.4f}; accuracy after {cfg.max_passes} passes on "
+              f"mazes harder than training {s['eval']['hard_accuracy_at_max']:.3f} -> "
+              f"{'extrapolated' if s['extrapolated'] else 'did NOT extrapolate'}; best fixed depth "
+              f"K={s['eval']['best_fixed_depth']['depth']} acc {s['eval']['best_fixed_depth']['accuracy']:.3f}")
+        print(print_table(named_rules(s["eval"], cfg)))
+        for label, dg in [("trained model", s["diagnose"])] + [(f"snapshot at {k}", v) for k, v in
+                                                                s["diagnose_part_trained_runs"].items()]:
+            print(f"diagnose, {label} ({dg['samples']} samples; {dg['settled_wrong']} settled-but-wrong, {dg['settled_correct']} "
+                  f"settled-and-correct): internal flags catch {fmt(dg['settled_wrong_recall'])} of false halts, fire on "
+                  f"{fmt(dg['false_alarm_rate'])} of settled-and-correct; with check=: catch {fmt(dg['check_recall'])}, "
+                  f"false alarms {fmt(dg['check_false_alarm_rate'])}; flags {dg['flag_counts']}")
+    if ablation:
+        print("\nablation (diagnose flags, % of samples):")
+        for name, a in ablation.items():
+            print(f"  {name:18s} " + " ".join(f"{k.replace('_rate', '')} {100 * v:5.1f}" for k, v in a.items()))
+    figs = make_figures(per_seed[0]["eval"], cfg, ablation or None, tag)
+    print(f"\nfigures: {', '.join(os.path.relpath(f, ROOT) for f in figs)}")
+    print(f"runtime {runtime:.0f} s")
+    summary = build_json(per_seed, ablation, diag_rows, healthy_rows, cfg, runtime, args.quick)
+    out = args.out or (None if args.quick else os.path.join(ROOT, "docs", "halting.json"))
+    if out:
+        with open(out, "w") as fh:
+            json.dump(jsonable(summary), fh, indent=1)
+        print(f"wrote {os.path.relpath(out, ROOT)}")
+
+
+def fmt(v: float) -> str:
+    return "n/a" if not np.isfinite(v) else f"{100 * v:.1f}%"
+
+
+def ablation_flags_from_seed(s: dict) -> dict:
+    """The main model's own flag rates, from its diagnose run (for the ablation figure)."""
+    rows = s["diagnose"]["rows"]
+    frac = lambda name: float(np.mean([name in r[2] for r in rows]))  # noqa: E731
+    return {"oscillation_rate": frac("OSCILLATION"), "divergence_rate": frac("DIVERGENCE"),
+            "false_halt_rate": frac("FALSE_HALT"), "slow_contraction_rate": frac("SLOW_CONTRACTION"),
+            "stagnation_rate": frac("STAGNATION"), "healthy_rate": float(np.mean([not r[2] for r in rows])),
+            "accuracy": float(np.mean([r[1] for r in rows]))}
+
+
+def build_json(per_seed, ablation, diag_rows, healthy_rows, cfg: Config, runtime: float, quick: bool) -> dict:
+    """docs/halting.json: per rule the mean over seeds (and the spread under 'spread')."""
+    rule_names = list(named_rules(per_seed[0]["eval"], cfg))
+    canon = {n: n.split(" ")[0] for n in rule_names}
+    rules = {}
+    for name in rule_names:
+        ms = [named_rules(s["eval"], cfg)[list(named_rules(s["eval"], cfg))[rule_names.index(name)]]
+              for s in per_seed]
+        entry, spread = {}, {}
+        for k in ("accuracy", "mean_passes", "spearman_difficulty", "spearman_in_distribution",
+                  "premature_halt_rate", "settled_wrong_rate", "accuracy_harder_than_training"):
+            entry[k], spread[k] = mean_spread([m[k] for m in ms])
+        for k in ("median_overshoot_correct", "accuracy_by_bucket", "premature_by_bucket"):
+            entry[k] = {b: mean_spread([m[k].get(b, float("nan")) for m in ms])[0] for b in ms[0][k]}
+        entry["settled_correct_table"] = {k: int(sum(m["settled_correct_table"][k] for m in ms))
+                                          for k in ms[0]["settled_correct_table"]}
+        entry["spread"] = spread
+        entry["per_seed_accuracy"] = [m["accuracy"] for m in ms]
+        entry["operating_point_per_seed"] = [list(named_rules(s["eval"], cfg))[rule_names.index(name)]
+                                             for s in per_seed]
+        rules[canon[name]] = entry
+    sweeps = {}
+    for key in per_seed[0]["eval"]["results"]:
+        sweeps.setdefault(key[0], []).append(
+            {"setting": key[1], "accuracy": mean_spread([s["eval"]["results"][key]["accuracy"] for s in per_seed])[0],
+             "mean_passes": mean_spread([s["eval"]["results"][key]["mean_passes"] for s in per_seed])[0]})
+    dg_all = summarize_diagnose(diag_rows)
+    dg_healthy = summarize_diagnose(healthy_rows) if healthy_rows else None
+    bests = [s["eval"]["best_fixed_depth"] for s in per_seed]
+    return {
+        "task": "grid-maze reachability (examples/maze.py): train 8x8 with BFS depth <= 12; test 8x8 and 16x16 "
+                f"(depth <= {cfg.max_test_difficulty}); {cfg.n_test[8]} + {cfg.n_test[16]} test mazes",
+        "seeds": cfg.seeds,
+        "quick": quick,
+        "runtime_seconds": runtime,
+        "max_passes": cfg.max_passes,
+        "rules": rules,
+        "sweeps": sweeps,
+        "best_fixed_depth": {"depth": int(round(np.mean([b["depth"] for b in bests]))),
+                             "accuracy": float(np.mean([b["accuracy"] for b in bests])),
+                             "per_seed": bests},
+        "extrapolated_seeds": int(sum(s["extrapolated"] for s in per_seed)),
+        "per_seed": [{"seed": s["seed"], "extrapolated": s["extrapolated"], "final_loss": s["final_loss"],
+                      "hard_accuracy_at_max_passes": s["eval"]["hard_accuracy_at_max"],
+                      "operating_points": s["eval"]["chosen"],
+                      "diagnose_trained": {k: v for k, v in s["diagnose"].items() if k != "rows"},
+                      "diagnose_part_trained": {name: {k: v for k, v in d.items() if k != "rows"}
+                                                for name, d in s["diagnose_part_trained_runs"].items()}}
+                     for s in per_seed],
+        "diagnose": {
+            "settled_wrong_recall": dg_all["settled_wrong_recall"],
+            "false_alarm_rate": dg_all["false_alarm_rate"],
+            "check_recall": dg_all["check_recall"],
+            "check_false_alarm_rate": dg_all["check_false_alarm_rate"],
+            "healthy_false_alarm_rate": dg_healthy["false_alarm_rate"] if dg_healthy else None,
+            "samples": dg_all["samples"], "settled_wrong": dg_all["settled_wrong"],
+            "settled_correct": dg_all["settled_correct"], "flag_counts": dg_all["flag_counts"],
+        },
+        "ablation": ablation,
+    }
+
+
+if __name__ == "__main__":
+    main()
