@@ -19,13 +19,7 @@ import fpsolve
 
 from problems import generator, random_contraction
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are tiny problems: one thread is faster, and far steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 F64 = torch.float64
