@@ -48,9 +48,6 @@ def check_positive(name: str, value: object, *, integer: bool = False, at_most: 
         raise ValueError(f"{name} must be {want}; got {value!r}.")
 
 
-def eps_for(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
 
 def flat(t: Tensor) -> Tensor:
     """[b, ...] -> [b, n] (no op for the common 2-D state)."""
