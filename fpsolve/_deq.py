@@ -1,7 +1,7 @@
 """`DEQ`: an nn.Module that solves its block's fixed point; and a Jacobian-norm penalty."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Tuple, Union
 
 import torch
 from torch import Tensor, nn

@@ -4,36 +4,25 @@ Solvers only propose the next iterate (`solvers._base.Solver`); everything a use
 `Solution` is decided here, the same way for every solver.
 
 Cost per iteration on the fast path (no sample halted, every residual fell): f, one
-subtraction, two per-sample norms, three small ops and ONE host sync (`.item()`) to decide
-whether anything needs attention. Only when a sample halts, diverges or fails to improve does
-the slow path run (masks, copies of the best iterate, compaction of the active rows).
+subtraction, two per-sample norms, four small ops on [B] (addcmul, sub, minimum, min) and ONE
+host sync (`.item()`) to decide whether anything needs attention. Only when a sample halts,
+diverges or fails to improve does the slow path run (masks, copies of the best iterate, one
+gather per field to drop the stopped rows).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._solution import Status
+from ._solution import Solution, Status
 from ._tree import select_rows
 from .solvers._base import Solver, compact
 
 #: A sample whose residual exceeds this multiple of its starting scale (||f(z0)-z0|| + ||f(z0)||)
 #: is DIVERGED, as is one whose residual is not finite.
 DIVERGENCE_FACTOR = 1e6
-
-
-@dataclass
-class LoopResult:
-    z: Tensor
-    iterations: Tensor
-    residual: Tensor
-    converged: Tensor
-    status: Tensor
-    evaluations: int
-    trace: Optional[Tensor]
 
 
 def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Tensor, Tensor]:
@@ -61,6 +50,8 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (value, dtype, device)
     t = _CONSTANTS.get(key)
     if t is None:
+        if len(_CONSTANTS) > 256:   # (a sweep over many tolerances must not grow it forever)
+            _CONSTANTS.clear()
         t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
     return t
 
@@ -78,8 +69,11 @@ def iterate(
     per_sample: bool,
     norm: str,
     record: bool,
-) -> LoopResult:
-    """Solve z = fn(z, x) from z0 (with fz0 = fn(z0, x) already computed). Runs under no_grad."""
+) -> Solution:
+    """Solve z = fn(z, x) from z0, given fz0 = fn(z0, x); z comes back in the loop's layout.
+
+    Runs under no_grad, except for Unroll(), where autograd records it (decisions then use
+    detached norms)."""
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
     dims = tuple(range(1, z0.ndim))
     bcast = (-1,) + (1,) * (z0.ndim - 1)
@@ -216,7 +210,7 @@ def iterate(
 
 
 def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
-            trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]], B: int, dtype: torch.dtype) -> LoopResult:
+            trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]], B: int, dtype: torch.dtype) -> Solution:
     trace = None
     if trace_rows is not None:
         trace = torch.full((len(trace_rows), B), float("nan"), dtype=dtype, device=z.device)
@@ -225,8 +219,8 @@ def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
                 trace[t] = rr
             else:
                 trace[t].index_copy_(0, ix, rr)
-    return LoopResult(z=z, iterations=it, residual=r, converged=status == int(Status.CONVERGED),
-                      status=status, evaluations=evaluations, trace=trace)
+    return Solution(z=z, iterations=it, residual=r, converged=status == int(Status.CONVERGED),
+                    status=status, evaluations=evaluations, trace=trace)
 
 
 def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

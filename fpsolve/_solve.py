@@ -148,15 +148,8 @@ def solve(
             else:
                 steps, damping = (bw.steps, bw.damping) if isinstance(bw, Phantom) else (bw.steps, 1.0)
                 z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
-    sol = Solution(
-        z=layout.unpack(z_out),
-        iterations=res.iterations,
-        residual=res.residual,
-        converged=res.converged,
-        status=res.status,
-        evaluations=res.evaluations,
-        trace=res.trace,
-    )
+    sol = res
+    sol.z = layout.unpack(z_out)
     if runner is not None:
         runner.solution = sol
     return sol
@@ -178,10 +171,8 @@ def _solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, solver: Solver
     grad = grad.detach()
     with torch.no_grad():
         xa = (grad, torch.arange(B, device=grad.device))
-        res = iterate(h, grad, xa, h(grad, xa), solver, **options)
-    adjoint = Solution(z=res.z, iterations=res.iterations, residual=res.residual,
-                       converged=res.converged, status=res.status, evaluations=res.evaluations)
-    return res.z, adjoint
+        adjoint = iterate(h, grad, xa, h(grad, xa), solver, **options)
+    return adjoint.z, adjoint
 
 
 __all__ = ["solve", "make_solver", "Status"]

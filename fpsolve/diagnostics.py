@@ -327,7 +327,7 @@ def _plain_run(fn: Callable[[Tensor, Any], Tensor], z0: Tensor, x: Any, steps: i
     dtype) of its state has settled as far as its precision allows: rounding, not a cycle.
     """
     B, n = z0.shape
-    dev, dtype = z0.device, z0.dtype
+    dev = z0.device
     sketch = _Sketch(n, dev, gen)
     slots = max_period + 2
     ring = z0.new_zeros(slots, B, sketch.width)
