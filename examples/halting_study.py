@@ -82,14 +82,18 @@ class Config:
     n_diagnose: Dict[int, int] = field(default_factory=lambda: {8: 96, 16: 64})
     ablations: Tuple[str, ...] = ("no_state_norm", "no_prenorm", "residual_scale_1")
     ablation_steps: int = 400
+    recipes: Tuple[str, ...] = ("difficulty", "fixed_passes")
 
 
 QUICK = Config(seeds=[0], steps=220, batch=32, act_steps=400, act_pool=(128, 48), n_test={8: 192, 16: 96},
                rtols=(0.1, 1e-2, 1e-3, 1e-4), anderson_rtols=(1e-2,), act_taus=(0.5, 0.7, 0.9, 0.99),
                n_val={8: 96, 16: 48},
-               n_diagnose={8: 48, 16: 32}, ablations=(), max_passes=60)
+               n_diagnose={8: 48, 16: 32}, ablations=(), max_passes=60, recipes=("difficulty",))
 FULL = Config(seeds=[0, 1, 2])
 
+RECIPES = ("difficulty", "fixed_passes")
+LOOSE_L2_RTOL = 0.3   # a criterion loose enough to halt mid-propagation: a source of premature "settled" states
+RECIPE_LABELS = {"difficulty": "difficulty-supervised", "fixed_passes": "label-free, 14-20 passes"}
 VARIANTS = {
     "main": dict(),
     "no_state_norm": dict(normalize_state=False),
@@ -108,11 +112,18 @@ def as_tensors(m: Mazes) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def train_trunk(cfg: Config, seed: int, variant: str, steps: int, bar=None,
-                snapshot_at: Tuple[int, ...] = ()) -> Tuple[MazeLoop, List[float], Dict[int, dict]]:
+                snapshot_at: Tuple[int, ...] = (), recipe: str = "difficulty"
+                ) -> Tuple[MazeLoop, List[float], Dict[int, dict]]:
     """The looped model trained on 8x8 mazes with d <= 12 (unrolled gradients, see the top).
 
+    recipe "difficulty": a batch runs max(d) + 2..5 passes; each sample is supervised at every
+    pass from max(d, 1) on and penalised for moving after it (uses the generator's difficulty).
+    recipe "fixed_passes" (label-free, the prototype's): a batch runs T ~ U{14..20} passes; the
+    loss reads the last pass only, and the penalty the last 3 steps. No difficulty is used.
     With `snapshot_at`, copies of the weights at those steps are returned too: part-trained
     models, a source of confident wrong fixed points for the diagnose study."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}; got {recipe!r}.")
     torch.manual_seed(seed)
     rng = np.random.default_rng(1000 + seed)
     model = MazeLoop(cfg.dim, cfg.heads, **VARIANTS[variant])
@@ -125,8 +136,14 @@ def train_trunk(cfg: Config, seed: int, variant: str, steps: int, bar=None,
         cells, labels, d = as_tensors(generate(cfg.batch, 8, rng, max_difficulty=TRAIN_MAX_DIFFICULTY))
         x = model.inputs(cells)
         open_ = (cells.flatten(1) > 0).float()
-        first = d.clamp_min(1)                          # the first pass the answer can be known
-        T = int(first.max()) + int(rng.integers(2, 6))  # a few passes beyond the hardest sample
+        if recipe == "difficulty":
+            first = d.clamp_min(1)                          # the first pass the answer can be known
+            T = int(first.max()) + int(rng.integers(2, 6))  # a few passes beyond the hardest sample
+            settle_from = first
+        else:
+            T = int(rng.integers(14, 21))
+            first = torch.full_like(d, T)
+            settle_from = first - 3
         z = torch.zeros_like(x[0])
         ce = settle = torch.zeros(cfg.batch)
         for t in range(1, T + 1):
@@ -136,7 +153,7 @@ def train_trunk(cfg: Config, seed: int, variant: str, steps: int, bar=None,
             ce = ce + on * (bce * open_).sum(1) / open_.sum(1)
             if t >= 2:
                 step_sq = (z_new - z).pow(2).sum(-1) / z_new.pow(2).sum(-1).clamp_min(1e-6)
-                settle = settle + (t > first).float() * (step_sq * open_).sum(1) / open_.sum(1)
+                settle = settle + (t > settle_from).float() * (step_sq * open_).sum(1) / open_.sum(1)
             z = z_new
         count = (T + 1 - first).float()
         loss = ((ce + cfg.settle_weight * settle) / count).mean()
@@ -449,26 +466,36 @@ def evaluate(model: MazeLoop, head: HaltHead, tests: Dict[int, Mazes], val: Dict
 # diagnose
 # ---------------------------------------------------------------------------------------
 
-def run_diagnose(model: MazeLoop, tests: Dict[int, Mazes], cfg: Config, rtol: float, restarts: int = 2) -> dict:
-    """fpsolve.diagnose on a subset of the test sets, with the task's check; the internal flags
-    (everything but INCONSISTENT) are what diagnose says without check=."""
+def run_diagnose(model: MazeLoop, tests: Dict[int, Mazes], cfg: Config, rtol: float,
+                 restarts: int = 2, norm: str = "inf") -> List[tuple]:
+    """fpsolve.diagnose on the first cfg.n_diagnose mazes of each test set, with the task's check.
+
+    One row per maze: (settled, correct, internal flags, INCONSISTENT, difficulty, signals). The
+    internal flags (everything but INCONSISTENT) are what diagnose says without check=; signals
+    are the continuous quantities behind them, for AUROC against settled-but-wrong."""
     rows = []
     for n, m in tests.items():
         k = cfg.n_diagnose[n]
-        cells, labels, d = as_tensors(m)
-        cells, labels = cells[:k], labels[:k]
+        cells, labels, d = (t[:k] for t in as_tensors(m))
         with torch.no_grad():
             x = model.inputs(cells)
             rep = fpsolve.diagnose(model, torch.zeros_like(x[0]), x, restarts=restarts, check=make_check(model),
-                                   solver="fixed_point", norm="inf", rtol=rtol, max_iter=cfg.max_passes)
+                                   solver="fixed_point", norm=norm, rtol=rtol, max_iter=cfg.max_passes)
             correct = (model.predict(rep.solution.z, x[1]) == labels).all(-1)
+        scale = rep.solution.z.flatten(1).abs().amax(1).clamp_min(1e-30)
+        signals = {"distance / tolerance": rep.distance / rep.tolerance.clamp_min(1e-30),
+                   "spectral radius": rep.spectral_radius,
+                   "restart distance": rep.restart_distance / scale}
         for i, flags in enumerate(rep.flags):
-            rows.append((bool(rep.solution.converged[i]), bool(correct[i]),
-                         {f.name for f in flags if f.name != "INCONSISTENT"}, "INCONSISTENT" in {f.name for f in flags}))
-    return summarize_diagnose(rows)
+            names = {f.name for f in flags}
+            rows.append((bool(rep.solution.converged[i]), bool(correct[i]), names - {"INCONSISTENT"},
+                         "INCONSISTENT" in names, int(d[i]), {k: float(v[i]) for k, v in signals.items()}))
+    return rows
 
 
 def summarize_diagnose(rows) -> dict:
+    """Recall on settled-but-wrong samples and false alarms on settled-and-correct ones, for the
+    internal flags and for check= (INCONSISTENT)."""
     sw = [r for r in rows if r[0] and not r[1]]     # settled but wrong: false halts
     sc = [r for r in rows if r[0] and r[1]]         # settled and correct
     rate = lambda rs, fn: float(np.mean([fn(r) for r in rs])) if rs else float("nan")  # noqa: E731
@@ -482,32 +509,37 @@ def summarize_diagnose(rows) -> dict:
         "false_alarm_rate": rate(sc, lambda r: bool(r[2])),
         "check_recall": rate(sw, lambda r: r[3]),
         "check_false_alarm_rate": rate(sc, lambda r: r[3]),
-        "flag_counts": counts, "rows": rows,
+        "check_or_flags_recall": rate(sw, lambda r: r[3] or bool(r[2])),
+        "flag_counts": counts,
+        "auroc": {k: auroc([r[5][k] for r in sw], [r[5][k] for r in sc]) for k in (rows[0][5] if rows else {})},
     }
 
 
-def ablation_flags(model: MazeLoop, tests: Dict[int, Mazes], cfg: Config) -> dict:
-    """diagnose (no restarts, with the check) on an ablated model: how often loops oscillate,
-    diverge or fake convergence; accuracy of fixed-point halting; the rows for the recall study."""
-    rows, acc, drows = [], [], []
-    for n, m in tests.items():
-        k = cfg.n_diagnose[n]
-        cells, labels, _ = as_tensors(m)
-        cells, labels = cells[:k], labels[:k]
-        with torch.no_grad():
-            x = model.inputs(cells)
-            rep = fpsolve.diagnose(model, torch.zeros_like(x[0]), x, restarts=0, solver="fixed_point",
-                                   check=make_check(model), norm="inf", rtol=cfg.default_rtol,
-                                   max_iter=cfg.max_passes)
-            acc.append((model.predict(rep.solution.z, x[1]) == labels).all(-1))
-        rows += [{f.name for f in fl} for fl in rep.flags]
-        drows += [(bool(rep.solution.converged[i]), bool(acc[-1][i]), rows[-len(rep.flags) + i] - {"INCONSISTENT"},
-                   "INCONSISTENT" in rows[-len(rep.flags) + i]) for i in range(len(rep.flags))]
-    frac = lambda name: float(np.mean([name in r for r in rows]))  # noqa: E731
-    return {"oscillation_rate": frac("OSCILLATION"), "divergence_rate": frac("DIVERGENCE"),
-            "false_halt_rate": frac("FALSE_HALT"), "slow_contraction_rate": frac("SLOW_CONTRACTION"),
-            "stagnation_rate": frac("STAGNATION"), "healthy_rate": float(np.mean([not r for r in rows])),
-            "accuracy": float(torch.cat(acc).float().mean()), "rows": drows}
+def auroc(positive: List[float], negative: List[float]) -> float:
+    """P(a settled-but-wrong sample scores above a settled-and-correct one); nan scores and
+    empty classes give nan. 0.5 is chance."""
+    from scipy.stats import rankdata
+    pos = np.asarray([v for v in positive if np.isfinite(v)])
+    neg = np.asarray([v for v in negative if np.isfinite(v)])
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+FLAG_RATES = {"oscillation_rate": "OSCILLATION", "divergence_rate": "DIVERGENCE", "false_halt_rate": "FALSE_HALT",
+              "slow_contraction_rate": "SLOW_CONTRACTION", "stagnation_rate": "STAGNATION"}
+
+
+def flag_rates(rows) -> dict:
+    """Per model: the share of samples with each flag, with none, and accuracy (all mazes, and
+    those harder than training) of fixed-point halting."""
+    out = {k: float(np.mean([name in r[2] for r in rows])) for k, name in FLAG_RATES.items()}
+    hard = [r[1] for r in rows if r[4] > TRAIN_MAX_DIFFICULTY]
+    out.update(healthy_rate=float(np.mean([not r[2] for r in rows])), accuracy=float(np.mean([r[1] for r in rows])),
+               accuracy_harder_than_training=float(np.mean(hard)) if hard else float("nan"),
+               settled_wrong_rate=float(np.mean([r[0] and not r[1] for r in rows])))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -546,37 +578,28 @@ def print_table(rules: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def make_figures(ev: dict, cfg: Config, ablation: Optional[dict], tag: str) -> List[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+FAMILIES = {"fixed_depth": ("k", "fixed depth K"), "act": ("tab:red", "ACT (tau)"),
+            "fixed_point_inf": ("tab:blue", "fixed point, inf"), "fixed_point_l2": ("tab:cyan", "fixed point, l2"),
+            "anderson_inf": ("tab:purple", "Anderson, inf"), "fixed_point_corrected": ("tab:green", "distance-corrected")}
 
-    os.makedirs(FIGURES, exist_ok=True)
-    r, out = ev["results"], []
-    fam = {"fixed_depth": ("k", "fixed depth K"), "act": ("tab:red", "ACT (tau)"),
-           "fixed_point_inf": ("tab:blue", "fixed point, inf"), "fixed_point_l2": ("tab:cyan", "fixed point, l2"),
-           "anderson_inf": ("tab:purple", "Anderson, inf"),
-           "fixed_point_corrected": ("tab:green", "distance-corrected")}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for f, (color, label) in fam.items():
-        pts = sorted((v["mean_passes"], v["accuracy"]) for k, v in r.items() if k[0] == f)
+
+def compute_panel(ax, ev: dict, title: str) -> None:
+    """Accuracy against mean passes for every setting of every rule."""
+    for f, (color, label) in FAMILIES.items():
+        pts = sorted((v["mean_passes"], v["accuracy"]) for k, v in ev["results"].items() if k[0] == f)
         ax.plot(*zip(*pts), "-" if f == "fixed_depth" else "o-", color=color, label=label, ms=4, lw=1.2)
     ax.set_xlabel("mean passes per sample (compute)")
     ax.set_ylabel("accuracy (whole maze right)")
-    ax.set_title("Accuracy vs compute, 8x8 + 16x16 test mazes")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out.append(os.path.join(FIGURES, f"halting_compute{tag}.png"))
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
 
+
+def difficulty_panel(ax, ev: dict, title: str) -> None:
+    """Median passes at halt per difficulty for the named operating points, with K_sat."""
     d = ev["difficulty"].numpy()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(d, ev["ksat"].numpy() + 0.15 * np.random.default_rng(0).standard_normal(len(d)), ".", color="0.7",
             ms=3, label="K_sat (prediction stops changing)")
     ax.plot([0, d.max()], [0, d.max()], ":", color="0.4", lw=1, label="passes = difficulty (lower bound)")
-    K = ev["best_fixed_depth"]["depth"]
     c = ev["chosen"]
     for key, color, label in ((("fixed_point_inf", c["fixed_point_inf"]), "tab:blue",
                                f"fixed point (inf, rtol {c['fixed_point_inf']:g})"),
@@ -586,55 +609,88 @@ def make_figures(ev: dict, cfg: Config, ablation: Optional[dict], tag: str) -> L
         p = ev["raw"][key].passes.numpy()
         xs = np.unique(d)
         ax.plot(xs, [np.median(p[d == v]) for v in xs], "-", color=color, label=label + ", median")
+    K = ev["best_fixed_depth"]["depth"]
     ax.axhline(K, color="k", lw=1, ls="--", label=f"best fixed depth K={K}")
     ax.axvline(TRAIN_MAX_DIFFICULTY + 0.5, color="0.5", lw=0.8)
     ax.set_xlabel("difficulty (BFS depth)")
     ax.set_ylabel("passes at halt")
-    ax.set_title("Passes vs difficulty (right of the grey line: harder than training)")
-    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    out.append(os.path.join(FIGURES, f"halting_difficulty{tag}.png"))
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
 
-    names = [bucket_name(lo, hi) for lo, hi in BUCKETS]
-    rules = named_rules(ev, cfg)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    w = 0.8 / len(rules)
-    for i, (name, m) in enumerate(rules.items()):
-        xs = np.arange(len(names)) + i * w
-        axes[0].bar(xs, [m["median_overshoot_correct"].get(b, np.nan) for b in names], w, label=name)
-        axes[1].bar(xs, [100 * m["premature_by_bucket"].get(b, np.nan) for b in names], w, label=name)
-    for a, t in zip(axes, ("median overshoot on correct halts (halt - K_sat)", "premature halts (%)")):
-        a.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
-        a.set_xticklabels(names)
-        a.set_xlabel("difficulty bucket")
-        a.set_title(t, fontsize=10)
-        a.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
-    out.append(os.path.join(FIGURES, f"halting_overshoot{tag}.png"))
+
+def heatmap(ax, values: np.ndarray, rows: List[str], cols: List[str], title: str, fmt: str) -> None:
+    """An annotated table as an image: one row per rule, one column per difficulty bucket."""
+    shown = np.where(np.isfinite(values), values, np.nan)
+    ax.imshow(np.log1p(np.abs(np.nan_to_num(shown))), cmap="Blues", aspect="auto", vmin=0, vmax=np.log1p(50))
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = values[i, j]
+            ax.text(j, i, "–" if not np.isfinite(v) else format(v, fmt), ha="center", va="center", fontsize=8,
+                    color="white" if np.isfinite(v) and abs(v) > 12 else "black")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    ax.set_xlabel("difficulty bucket (BFS depth; > 12 is harder than training)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
+def save(fig, name: str, tag: str) -> str:
+    path = os.path.join(FIGURES, f"{name}{tag}.png")
     fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
     plt.close(fig)
+    return path
+
+
+def make_figures(evs: Dict[str, dict], cfg: Config, ablation: Optional[dict], tag: str) -> List[str]:
+    """evs: recipe label -> the evaluation of its first seed. One panel per recipe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(FIGURES, exist_ok=True)
+    out, k = [], len(evs)
+    fig, axes = plt.subplots(1, k, figsize=(6.4 * k, 4.2), squeeze=False)
+    for ax, (label, ev) in zip(axes[0], evs.items()):
+        compute_panel(ax, ev, f"Accuracy vs compute ({label})")
+    axes[0][0].legend(fontsize=8)
+    out.append(save(fig, "halting_compute", tag))
+
+    fig, axes = plt.subplots(1, k, figsize=(6.4 * k, 4.2), squeeze=False)
+    for ax, (label, ev) in zip(axes[0], evs.items()):
+        difficulty_panel(ax, ev, f"Passes vs difficulty ({label})")
+    axes[0][0].legend(fontsize=7)
+    out.append(save(fig, "halting_difficulty", tag))
+
+    cols = [bucket_name(lo, hi) for lo, hi in BUCKETS]
+    fig, axes = plt.subplots(k, 2, figsize=(11, 2.9 * k), squeeze=False)
+    for row, (label, ev) in zip(axes, evs.items()):
+        rules = named_rules(ev, cfg)
+        names = [n.replace(" (", "\n(", 1) for n in rules]
+        over = np.array([[m["median_overshoot_correct"].get(b, np.nan) for b in cols] for m in rules.values()])
+        prem = np.array([[100 * m["premature_by_bucket"].get(b, np.nan) for b in cols] for m in rules.values()])
+        heatmap(row[0], over, names, cols, f"{label}: median overshoot on correct halts (halt - K_sat)", ".0f")
+        heatmap(row[1], prem, names, cols, f"{label}: premature halts (% of bucket)", ".1f")
+    out.append(save(fig, "halting_overshoot", tag))
 
     if ablation:
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        keys = ["oscillation_rate", "divergence_rate", "false_halt_rate", "slow_contraction_rate", "stagnation_rate"]
+        fig, ax = plt.subplots(figsize=(7.4, 3.8))
+        keys = list(FLAG_RATES) + ["healthy_rate"]
         w = 0.8 / len(keys)
         names_a = list(ablation)
-        for i, k in enumerate(keys):
-            ax.bar(np.arange(len(names_a)) + i * w, [100 * ablation[a][k] for a in names_a], w, label=k.replace("_rate", ""))
+        for i, key in enumerate(keys):
+            ax.bar(np.arange(len(names_a)) + i * w, [100 * ablation[a][key] for a in names_a], w,
+                   yerr=[100 * ablation[a]["spread"][key] for a in names_a], capsize=2,
+                   label=key.replace("_rate", ""))
         ax.set_xticks(np.arange(len(names_a)) + 0.4 - w / 2)
         ax.set_xticklabels(names_a, fontsize=8)
-        ax.set_ylabel("% of test samples flagged")
-        ax.set_title("fpsolve.diagnose flags per ablation")
+        ax.set_ylabel("% of test samples (mean over seeds)")
+        ax.set_title("fpsolve.diagnose flags per ablation (bars: spread over seeds)", fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-        out.append(os.path.join(FIGURES, f"halting_ablation{tag}.png"))
-        fig.tight_layout()
-        fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
+        out.append(save(fig, "halting_ablation", tag))
     return out
 
 
@@ -659,16 +715,107 @@ def mean_spread(values: List[float]) -> Tuple[float, float]:
 # main
 # ---------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of the study: a model trained with one recipe, variant and seed,
+    and everything measured on it (units run in parallel worker processes)."""
+
+    recipe: str
+    variant: str    # "main" or an ablation
+    seed: int
+
+
+class QueueBar:
+    """Progress from a worker process: the two tqdm methods the training loops call, sent
+    through a queue to the bar in the parent."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put((n, None))
+
+    def set_postfix_str(self, text: str) -> None:
+        self.queue.put((0, text))
+
+
+def n_rule_settings(cfg: Config) -> int:
+    return len(cfg.act_taus) + 3 * len(cfg.rtols) + len(cfg.anderson_rtols) + 2
+
+
+def unit_cost(u: Unit, cfg: Config) -> int:
+    """Progress-bar ticks of one unit (training steps, head steps, rule settings)."""
+    if u.variant != "main":
+        return cfg.ablation_steps + 1
+    return cfg.steps + cfg.act_steps + n_rule_settings(cfg)
+
+
+def run_unit(u: Unit, cfg: Config, tests: Dict[int, Mazes], val: Dict[int, Mazes], threads: int, bar) -> bytes:
+    """Train one model and measure it; returns the results pickled (tensors by value)."""
+    import pickle
+    torch.set_num_threads(threads)
+    if u.variant != "main":
+        model, losses, _ = train_trunk(cfg, u.seed, u.variant, cfg.ablation_steps, bar, recipe=u.recipe)
+        bar.set_postfix_str(f"diagnose {u.variant} seed {u.seed}")
+        rows = run_diagnose(model, tests, cfg, cfg.default_rtol, restarts=0)
+        bar.update(1)
+        return pickle.dumps({"unit": u, "rows": rows, "final_loss": float(np.mean(losses[-20:]))})
+    snap_at = (int(0.4 * cfg.steps), int(0.6 * cfg.steps)) if u.recipe == "difficulty" else ()
+    model, losses, snaps = train_trunk(cfg, u.seed, "main", cfg.steps, bar, snapshot_at=snap_at, recipe=u.recipe)
+    head = train_halt_head(model, cfg, u.seed, bar)
+    ev = evaluate(model, head, tests, val, cfg, bar)
+    bar.set_postfix_str(f"diagnose {u.recipe} seed {u.seed}")
+    rtol = ev["chosen"]["fixed_point_inf"]
+    probes = {}   # other sources of settled-but-wrong samples: part-trained weights, a loose criterion
+    for step, state in snaps.items():
+        half = MazeLoop(cfg.dim, cfg.heads)
+        half.load_state_dict(state)
+        probes[f"snapshot at step {step}"] = run_diagnose(half.eval(), tests, cfg, rtol)
+    if u.recipe == "difficulty":
+        probes[f"l2 criterion at rtol {LOOSE_L2_RTOL:g}"] = run_diagnose(model, tests, cfg, LOOSE_L2_RTOL, norm="l2")
+    return pickle.dumps({
+        "unit": u, "eval": ev, "extrapolated": ev["hard_accuracy_at_max"] >= 0.95,
+        "final_loss": float(np.mean(losses[-20:])), "rows": run_diagnose(model, tests, cfg, rtol),
+        "probe_rows": probes,
+        "ablation_rows": run_diagnose(model, tests, cfg, cfg.default_rtol, restarts=0) if cfg.ablations else None})
+
+
+def run_units(units: List[Unit], cfg: Config, tests, val, jobs: int, threads: int, bar) -> List[dict]:
+    """Every unit, in `jobs` worker processes of `threads` torch threads each (1: in this one)."""
+    import pickle
+    if jobs <= 1:
+        return [pickle.loads(run_unit(u, cfg, tests, val, threads, bar)) for u in units]
+    import concurrent.futures as cf
+    import importlib
+    import multiprocessing as mp
+    study = importlib.import_module("halting_study")   # workers import the functions by this name
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(study.run_unit, u, cfg, tests, val, threads, QueueBar(queue)) for u in units]
+        pending = set(futures)
+        while pending:
+            _, pending = cf.wait(pending, timeout=1.0)
+            while not queue.empty():
+                n, text = queue.get()
+                bar.update(n)
+                if text:
+                    bar.set_postfix_str(text)
+        return [pickle.loads(f.result()) for f in futures]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed, small sets, no ablations (<= 5 min)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     p.add_argument("--steps", type=int, help="override the training steps")
+    p.add_argument("--recipes", nargs="*", choices=RECIPES, help="override the training recipes")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--ablations", nargs="*", choices=[v for v in VARIANTS if v != "main"],
                    help="override the ablations to run")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, one model each (default 2)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is fastest on a shared 2-core machine)")
+                   help="torch threads per worker (1 is fastest on a shared 2-core machine)")
     p.add_argument("--out", default=None, help="json path (full run default: docs/halting.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -679,6 +826,8 @@ def main() -> None:
         cfg = replace(cfg, seeds=args.seeds)
     if args.steps:
         cfg = replace(cfg, steps=args.steps, ablation_steps=args.steps)
+    if args.recipes:
+        cfg = replace(cfg, recipes=tuple(args.recipes))
     if args.ablations is not None:
         cfg = replace(cfg, ablations=tuple(args.ablations))
     if args.no_ablation:
@@ -688,63 +837,43 @@ def main() -> None:
     rng = np.random.default_rng(12345)
     tests = {n: generate(cfg.n_test[n], n, rng, max_difficulty=cfg.max_test_difficulty) for n in (8, 16)}
     val = {n: generate(cfg.n_val[n], n, rng, max_difficulty=cfg.max_test_difficulty) for n in (8, 16)}
-    n_rule_settings = len(cfg.act_taus) + 3 * len(cfg.rtols) + len(cfg.anderson_rtols) + 2
-    total = len(cfg.seeds) * (cfg.steps + cfg.act_steps + n_rule_settings) + len(cfg.ablations) * cfg.ablation_steps
-    bar = tqdm(total=total, desc="halting study", unit="step", dynamic_ncols=True, mininterval=2.0)
-
-    per_seed, diag_rows, healthy_rows = [], [], []
-    for seed in cfg.seeds:
-        model, losses, snaps = train_trunk(cfg, seed, "main", cfg.steps, bar,
-                                           snapshot_at=(int(0.4 * cfg.steps), int(0.6 * cfg.steps)))
-        head = train_halt_head(model, cfg, seed, bar)
-        ev = evaluate(model, head, tests, val, cfg, bar)
-        extrapolated = ev["hard_accuracy_at_max"] >= 0.95
-        bar.set_postfix_str(f"diagnose seed {seed}")
-        rtol = ev["chosen"]["fixed_point_inf"]
-        dg = run_diagnose(model, tests, cfg, rtol)
-        dg_part = {}
-        for step, state in snaps.items():
-            half = MazeLoop(cfg.dim, cfg.heads)
-            half.load_state_dict(state)
-            half.eval()
-            dg_part[f"step {step}"] = run_diagnose(half, tests, cfg, rtol)
-        diag_rows += dg["rows"] + sum((v["rows"] for v in dg_part.values()), [])
-        if extrapolated:
-            healthy_rows += dg["rows"]
-        per_seed.append({"seed": seed, "eval": ev, "extrapolated": extrapolated, "diagnose": dg,
-                         "diagnose_part_trained_runs": dg_part, "final_loss": float(np.mean(losses[-20:]))})
-    ablation = {}
-    for name in cfg.ablations:
-        model, _, _ = train_trunk(cfg, cfg.seeds[0], name, cfg.ablation_steps, bar)
-        bar.set_postfix_str(f"diagnose {name}")
-        ablation[name] = ablation_flags(model, tests, cfg)
-        diag_rows += ablation[name].pop("rows")
-    if ablation:
-        ablation["main"] = ablation_flags_from_seed(per_seed[0])
+    units = ([Unit(r, "main", s) for r in cfg.recipes for s in cfg.seeds]
+             + [Unit("difficulty", v, s) for v in cfg.ablations for s in cfg.seeds])
+    bar = tqdm(total=sum(unit_cost(u, cfg) for u in units), desc="halting study", unit="step",
+               dynamic_ncols=True, mininterval=2.0)
+    results = run_units(units, cfg, tests, val, min(args.jobs, len(units)), args.threads, bar)
     bar.close()
     runtime = time.time() - t0
 
-    # --- report -------------------------------------------------------------------------------
-    for s in per_seed:
-        print(f"\nseed {s['seed']}: trained loss {s['final_loss']:.4f}; accuracy after {cfg.max_passes} passes on "
-              f"mazes harder than training {s['eval']['hard_accuracy_at_max']:.3f} -> "
-              f"{'extrapolated' if s['extrapolated'] else 'did NOT extrapolate'}; best fixed depth "
-              f"K={s['eval']['best_fixed_depth']['depth']} acc {s['eval']['best_fixed_depth']['accuracy']:.3f}")
-        print(print_table(named_rules(s["eval"], cfg)))
-        for label, dg in [("trained model", s["diagnose"])] + [(f"snapshot at {k}", v) for k, v in
-                                                                s["diagnose_part_trained_runs"].items()]:
-            print(f"diagnose, {label} ({dg['samples']} samples; {dg['settled_wrong']} settled-but-wrong, {dg['settled_correct']} "
-                  f"settled-and-correct): internal flags catch {fmt(dg['settled_wrong_recall'])} of false halts, fire on "
-                  f"{fmt(dg['false_alarm_rate'])} of settled-and-correct; with check=: catch {fmt(dg['check_recall'])}, "
-                  f"false alarms {fmt(dg['check_false_alarm_rate'])}; flags {dg['flag_counts']}")
+    by_recipe = {r: [o for o in results if o["unit"].variant == "main" and o["unit"].recipe == r]
+                 for r in cfg.recipes}
+    ablation = summarize_ablation(results, cfg)
+    for recipe, outs in by_recipe.items():
+        for o in outs:
+            ev = o["eval"]
+            print(f"\n[{RECIPE_LABELS[recipe]}] seed {o['unit'].seed}: trained loss {o['final_loss']:.4f}; accuracy after "
+                  f"{cfg.max_passes} passes on mazes harder than training {ev['hard_accuracy_at_max']:.3f} -> "
+                  f"{'extrapolated' if o['extrapolated'] else 'did NOT extrapolate'}; best fixed depth "
+                  f"K={ev['best_fixed_depth']['depth']} acc {ev['best_fixed_depth']['accuracy']:.3f}")
+            print(print_table(named_rules(ev, cfg)))
+            for label, rows in [("trained model", o["rows"])] + list(o["probe_rows"].items()):
+                dg = summarize_diagnose(rows)
+                print(f"diagnose, {label} ({dg['samples']} samples; {dg['settled_wrong']} settled-but-wrong, "
+                      f"{dg['settled_correct']} settled-and-correct): internal flags catch {fmt(dg['settled_wrong_recall'])}"
+                      f" of false halts, fire on {fmt(dg['false_alarm_rate'])} of settled-and-correct; with check=: "
+                      f"catch {fmt(dg['check_recall'])}, false alarms {fmt(dg['check_false_alarm_rate'])}; "
+                      f"flags {dg['flag_counts']}")
     if ablation:
-        print("\nablation (diagnose flags, % of samples):")
+        print("\nablation (diagnose flags, % of samples, mean over seeds):")
         for name, a in ablation.items():
-            print(f"  {name:18s} " + " ".join(f"{k.replace('_rate', '')} {100 * v:5.1f}" for k, v in a.items()))
-    figs = make_figures(per_seed[0]["eval"], cfg, ablation or None, tag)
+            print(f"  {name:18s} " + " ".join(f"{k.replace('_rate', '')} {100 * a[k]:5.1f}"
+                                              for k in list(FLAG_RATES) + ["healthy_rate", "accuracy"])
+                  + f"  extrapolated {a['extrapolated_seeds']}/{len(a['per_seed'])}")
+    figs = make_figures({RECIPE_LABELS[r]: outs[0]["eval"] for r, outs in by_recipe.items()}, cfg,
+                        ablation or None, tag)
     print(f"\nfigures: {', '.join(os.path.relpath(f, ROOT) for f in figs)}")
     print(f"runtime {runtime:.0f} s")
-    summary = build_json(per_seed, ablation, diag_rows, healthy_rows, cfg, runtime, args.quick)
+    summary = build_json(by_recipe, results, ablation, cfg, runtime, args.quick)
     out = args.out or (None if args.quick else os.path.join(ROOT, "docs", "halting.json"))
     if out:
         with open(out, "w") as fh:
@@ -756,24 +885,33 @@ def fmt(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{100 * v:.1f}%"
 
 
-def ablation_flags_from_seed(s: dict) -> dict:
-    """The main model's own flag rates, from its diagnose run (for the ablation figure)."""
-    rows = s["diagnose"]["rows"]
-    frac = lambda name: float(np.mean([name in r[2] for r in rows]))  # noqa: E731
-    return {"oscillation_rate": frac("OSCILLATION"), "divergence_rate": frac("DIVERGENCE"),
-            "false_halt_rate": frac("FALSE_HALT"), "slow_contraction_rate": frac("SLOW_CONTRACTION"),
-            "stagnation_rate": frac("STAGNATION"), "healthy_rate": float(np.mean([not r[2] for r in rows])),
-            "accuracy": float(np.mean([r[1] for r in rows]))}
+def summarize_ablation(results: List[dict], cfg: Config) -> dict:
+    """Per ablation (and the main model under the same protocol): flag rates, mean and spread
+    over seeds, and per seed whether fixed-point halting extrapolated (>= 0.95 on d > 12)."""
+    if not cfg.ablations:
+        return {}
+    per = {"main": [(o["unit"].seed, o["ablation_rows"]) for o in results
+                    if o["unit"].variant == "main" and o["unit"].recipe == "difficulty"]}
+    for name in cfg.ablations:
+        per[name] = [(o["unit"].seed, o["rows"]) for o in results if o["unit"].variant == name]
+    out = {}
+    for name, seeds in per.items():
+        rates = [flag_rates(rows) for _, rows in seeds]
+        entry = {k: mean_spread([r[k] for r in rates])[0] for k in rates[0]}
+        entry["spread"] = {k: mean_spread([r[k] for r in rates])[1] for k in rates[0]}
+        entry["per_seed"] = [{"seed": seed, **r, "extrapolated": bool(r["accuracy_harder_than_training"] >= 0.95)}
+                             for (seed, _), r in zip(seeds, rates)]
+        entry["extrapolated_seeds"] = sum(r["extrapolated"] for r in entry["per_seed"])
+        out[name] = entry
+    return out
 
 
-def build_json(per_seed, ablation, diag_rows, healthy_rows, cfg: Config, runtime: float, quick: bool) -> dict:
-    """docs/halting.json: per rule the mean over seeds (and the spread under 'spread')."""
-    rule_names = list(named_rules(per_seed[0]["eval"], cfg))
-    canon = {n: n.split(" ")[0] for n in rule_names}
+def summarize_recipe(outs: List[dict], cfg: Config) -> dict:
+    """One recipe's rules (mean over seeds, spread under 'spread'), sweeps and per-seed facts."""
+    rule_names = list(named_rules(outs[0]["eval"], cfg))
     rules = {}
-    for name in rule_names:
-        ms = [named_rules(s["eval"], cfg)[list(named_rules(s["eval"], cfg))[rule_names.index(name)]]
-              for s in per_seed]
+    for i, name in enumerate(rule_names):
+        ms = [list(named_rules(o["eval"], cfg).values())[i] for o in outs]
         entry, spread = {}, {}
         for k in ("accuracy", "mean_passes", "spearman_difficulty", "spearman_in_distribution",
                   "premature_halt_rate", "settled_wrong_rate", "accuracy_harder_than_training"):
@@ -784,17 +922,42 @@ def build_json(per_seed, ablation, diag_rows, healthy_rows, cfg: Config, runtime
                                           for k in ms[0]["settled_correct_table"]}
         entry["spread"] = spread
         entry["per_seed_accuracy"] = [m["accuracy"] for m in ms]
-        entry["operating_point_per_seed"] = [list(named_rules(s["eval"], cfg))[rule_names.index(name)]
-                                             for s in per_seed]
-        rules[canon[name]] = entry
-    sweeps = {}
-    for key in per_seed[0]["eval"]["results"]:
+        entry["operating_point_per_seed"] = [list(named_rules(o["eval"], cfg))[i] for o in outs]
+        rules[name.split(" ")[0]] = entry
+    sweeps: Dict[str, list] = {}
+    for key in outs[0]["eval"]["results"]:
         sweeps.setdefault(key[0], []).append(
-            {"setting": key[1], "accuracy": mean_spread([s["eval"]["results"][key]["accuracy"] for s in per_seed])[0],
-             "mean_passes": mean_spread([s["eval"]["results"][key]["mean_passes"] for s in per_seed])[0]})
-    dg_all = summarize_diagnose(diag_rows)
-    dg_healthy = summarize_diagnose(healthy_rows) if healthy_rows else None
-    bests = [s["eval"]["best_fixed_depth"] for s in per_seed]
+            {"setting": key[1], "accuracy": mean_spread([o["eval"]["results"][key]["accuracy"] for o in outs])[0],
+             "mean_passes": mean_spread([o["eval"]["results"][key]["mean_passes"] for o in outs])[0]})
+    bests = [o["eval"]["best_fixed_depth"] for o in outs]
+    return {
+        "rules": rules, "sweeps": sweeps,
+        "best_fixed_depth": {"depth": int(round(np.mean([b["depth"] for b in bests]))),
+                             "accuracy": float(np.mean([b["accuracy"] for b in bests])), "per_seed": bests},
+        "extrapolated_seeds": int(sum(o["extrapolated"] for o in outs)),
+        "per_seed": [{"seed": o["unit"].seed, "extrapolated": o["extrapolated"], "final_loss": o["final_loss"],
+                      "hard_accuracy_at_max_passes": o["eval"]["hard_accuracy_at_max"],
+                      "operating_points": o["eval"]["chosen"],
+                      "diagnose_trained": summarize_diagnose(o["rows"]),
+                      "diagnose_probes": {k: summarize_diagnose(v) for k, v in o["probe_rows"].items()}}
+                     for o in outs],
+    }
+
+
+def build_json(by_recipe: Dict[str, List[dict]], results: List[dict], ablation: dict, cfg: Config,
+               runtime: float, quick: bool) -> dict:
+    """docs/halting.json: the top level is the difficulty-supervised recipe (the issue's schema);
+    'label_free' has the same fields for the label-free recipe; 'diagnose' pools every model."""
+    mains = [o for o in results if o["unit"].variant == "main"]
+    sources = {f"trained, {RECIPE_LABELS[r]}": sum((o["rows"] for o in outs), []) for r, outs in by_recipe.items()}
+    for prefix, name in (("snapshot", "part-trained snapshots"), ("l2", f"l2 criterion at rtol {LOOSE_L2_RTOL:g}")):
+        sources[name] = sum((v for o in mains for k, v in o["probe_rows"].items() if k.startswith(prefix)), [])
+    sources["ablations"] = sum((o["rows"] for o in results if o["unit"].variant != "main"), [])
+    sources = {k: v for k, v in sources.items() if v}
+    all_rows = sum(sources.values(), [])
+    healthy = sum((o["rows"] for o in mains if o["extrapolated"]), [])
+    dg_all = summarize_diagnose(all_rows)
+    top = by_recipe.get("difficulty") or next(iter(by_recipe.values()))
     return {
         "task": "grid-maze reachability (examples/maze.py): train 8x8 with BFS depth <= 12; test 8x8 and 16x16 "
                 f"(depth <= {cfg.max_test_difficulty}); {cfg.n_test[8]} + {cfg.n_test[16]} test mazes",
@@ -802,27 +965,16 @@ def build_json(per_seed, ablation, diag_rows, healthy_rows, cfg: Config, runtime
         "quick": quick,
         "runtime_seconds": runtime,
         "max_passes": cfg.max_passes,
-        "rules": rules,
-        "sweeps": sweeps,
-        "best_fixed_depth": {"depth": int(round(np.mean([b["depth"] for b in bests]))),
-                             "accuracy": float(np.mean([b["accuracy"] for b in bests])),
-                             "per_seed": bests},
-        "extrapolated_seeds": int(sum(s["extrapolated"] for s in per_seed)),
-        "per_seed": [{"seed": s["seed"], "extrapolated": s["extrapolated"], "final_loss": s["final_loss"],
-                      "hard_accuracy_at_max_passes": s["eval"]["hard_accuracy_at_max"],
-                      "operating_points": s["eval"]["chosen"],
-                      "diagnose_trained": {k: v for k, v in s["diagnose"].items() if k != "rows"},
-                      "diagnose_part_trained": {name: {k: v for k, v in d.items() if k != "rows"}
-                                                for name, d in s["diagnose_part_trained_runs"].items()}}
-                     for s in per_seed],
+        "recipe": RECIPE_LABELS[top[0]["unit"].recipe],
+        **summarize_recipe(top, cfg),
+        **({"label_free": {"recipe": RECIPE_LABELS["fixed_passes"], **summarize_recipe(by_recipe["fixed_passes"], cfg)}}
+           if by_recipe.get("fixed_passes") and top is not by_recipe["fixed_passes"] else {}),
         "diagnose": {
-            "settled_wrong_recall": dg_all["settled_wrong_recall"],
-            "false_alarm_rate": dg_all["false_alarm_rate"],
-            "check_recall": dg_all["check_recall"],
-            "check_false_alarm_rate": dg_all["check_false_alarm_rate"],
-            "healthy_false_alarm_rate": dg_healthy["false_alarm_rate"] if dg_healthy else None,
-            "samples": dg_all["samples"], "settled_wrong": dg_all["settled_wrong"],
-            "settled_correct": dg_all["settled_correct"], "flag_counts": dg_all["flag_counts"],
+            **{k: dg_all[k] for k in ("settled_wrong_recall", "false_alarm_rate", "check_recall",
+                                      "check_false_alarm_rate", "check_or_flags_recall", "samples",
+                                      "settled_wrong", "settled_correct", "flag_counts")},
+            "healthy_false_alarm_rate": summarize_diagnose(healthy)["false_alarm_rate"] if healthy else None,
+            "by_source": {k: summarize_diagnose(v) for k, v in sources.items()},
         },
         "ablation": ablation,
     }

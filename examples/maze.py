@@ -157,8 +157,8 @@ class MazeLoop(nn.Module):
     x = (emb, code): emb [B, L, D] the embedded cells (injected at every pass), code [B, L, 1]
     the cell codes as floats (the per-sample data that the mask of wall cells needs; kept in x
     so that per-sample halting hands f only the rows still active). The neighbour mask depends
-    only on the grid size, so one buffer per size is kept here and handed to the shared
-    `fpsolve.LoopedTransformerBlock` before each call. Wall cells are zeroed after each pass so
+    only on the grid size, so one mask per size is kept here and passed to the shared
+    `fpsolve.LoopedTransformerBlock` at each call. Wall cells are zeroed after each pass so
     that no information travels through them.
     """
 
@@ -188,8 +188,7 @@ class MazeLoop(nn.Module):
         emb, code = x
         L = z.shape[1]
         n = int(round(L ** 0.5))
-        self.core.attn_mask = self.mask_for(n).to(z.device)
-        out = self.core(z, emb)
+        out = self.core(z, emb, attn_mask=self.mask_for(n).to(z.device))
         return out * (code > 0.5).to(out.dtype)
 
     def logits(self, z: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ class LoopedTransformerBlock(nn.Module):
     branches on the raw state); `normalize_state`: LayerNorm of the state at the end of each
     pass; `attn_mask`: an optional [L, L] boolean mask (True = may not attend), shared by all
     samples, e.g. to restrict attention to a cell's neighbours. States are [B, L, dim].
+    `forward(z, x, attn_mask=...)` overrides the stored mask for one call (for inputs of several
+    sequence lengths, each with its own mask).
     """
 
     def __init__(
@@ -54,11 +56,12 @@ class LoopedTransformerBlock(nn.Module):
         else:
             self.attn_mask = None
 
-    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+    def forward(self, z: Tensor, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         a = self.residual_scale
+        mask = self.attn_mask if attn_mask is None else attn_mask
         u = z + x
         h = self.ln_attn(u)
-        u = u + a * self.attn(h, h, h, attn_mask=self.attn_mask, need_weights=False)[0]
+        u = u + a * self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
         u = u + a * self.mlp(self.ln_mlp(u))
         return self.ln_state(u)
 
