@@ -906,8 +906,8 @@ def summarize_ablation(results: List[dict], cfg: Config) -> dict:
     return out
 
 
-def summarize_recipe(outs: List[dict], cfg: Config) -> dict:
-    """One recipe's rules (mean over seeds, spread under 'spread'), sweeps and per-seed facts."""
+def summarize_rules(outs: List[dict], cfg: Config) -> dict:
+    """Per rule at its operating point: the mean over the given seeds, the spread under 'spread'."""
     rule_names = list(named_rules(outs[0]["eval"], cfg))
     rules = {}
     for i, name in enumerate(rule_names):
@@ -924,14 +924,26 @@ def summarize_recipe(outs: List[dict], cfg: Config) -> dict:
         entry["per_seed_accuracy"] = [m["accuracy"] for m in ms]
         entry["operating_point_per_seed"] = [list(named_rules(o["eval"], cfg))[i] for o in outs]
         rules[name.split(" ")[0]] = entry
+    return rules
+
+
+def summarize_recipe(outs: List[dict], cfg: Config) -> dict:
+    """One recipe's rules (mean over seeds, spread under 'spread'; also over the seeds that
+    extrapolated only), sweeps and per-seed facts."""
+    rules = summarize_rules(outs, cfg)
+    good = [o for o in outs if o["extrapolated"]]
     sweeps: Dict[str, list] = {}
     for key in outs[0]["eval"]["results"]:
-        sweeps.setdefault(key[0], []).append(
-            {"setting": key[1], "accuracy": mean_spread([o["eval"]["results"][key]["accuracy"] for o in outs])[0],
-             "mean_passes": mean_spread([o["eval"]["results"][key]["mean_passes"] for o in outs])[0]})
+        acc = [o["eval"]["results"][key]["accuracy"] for o in outs]
+        passes = [o["eval"]["results"][key]["mean_passes"] for o in outs]
+        sweeps.setdefault(key[0], []).append({"setting": key[1], "accuracy": mean_spread(acc)[0],
+                                              "mean_passes": mean_spread(passes)[0],
+                                              "per_seed_accuracy": acc, "per_seed_mean_passes": passes})
     bests = [o["eval"]["best_fixed_depth"] for o in outs]
     return {
-        "rules": rules, "sweeps": sweeps,
+        "rules": rules,
+        "rules_extrapolated_seeds": summarize_rules(good, cfg) if good and len(good) < len(outs) else None,
+        "sweeps": sweeps,
         "best_fixed_depth": {"depth": int(round(np.mean([b["depth"] for b in bests]))),
                              "accuracy": float(np.mean([b["accuracy"] for b in bests])), "per_seed": bests},
         "extrapolated_seeds": int(sum(o["extrapolated"] for o in outs)),
