@@ -1,0 +1,121 @@
+"""The halting study's own measuring code (examples/halting_study.py): K_sat, the replayed
+rules, the per-bucket metrics, AUROC and the diagnose summaries, on hand-made runs whose
+answers are known; and the replayed step rule against fpsolve's own iteration counts."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import halting_study as hs  # noqa: E402
+from maze import MazeLoop, generate  # noqa: E402
+
+
+def hand_run() -> "hs.PlainRun":
+    """3 samples, passes 0..5. Sample 0: right from pass 2 on. Sample 1: right at pass 1,
+    wrong at 2, right from 3 on. Sample 2: never right; its prediction changes at pass 4."""
+    T = 5
+    correct = torch.zeros(T + 1, 3, dtype=torch.bool)
+    correct[2:, 0] = True
+    correct[1, 1] = True
+    correct[3:, 1] = True
+    changed = torch.zeros(T + 1, 3, dtype=torch.bool)
+    changed[:2, 0] = True          # the prediction settles after pass 2
+    changed[:3, 1] = True          # ... after pass 3
+    changed[:4, 2] = True          # ... after pass 4
+    act = torch.zeros(T + 1, 3)
+    act[1, 1] = 0.95               # the head fires too early on sample 1
+    act[3, 0] = 0.8
+    # steps: r_t = ||z_(t+1) - z_t||, scale 1
+    step = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.5, 1.0], [0.01, 0.5, 1.0], [1e-4, 0.01, 1.0], [1e-6, 1e-3, 0.1]])
+    return hs.PlainRun(correct, changed, act, {"inf": step, "l2": step}, {"inf": torch.ones_like(step),
+                                                                       "l2": torch.ones_like(step)})
+
+
+def test_k_sat_is_the_first_pass_of_the_final_prediction():
+    assert hs.k_sat(hand_run()).tolist() == [2, 3, 4]
+
+
+def test_fixed_depth_and_act_rules():
+    run = hand_run()
+    h = hs.fixed_depth(run, 2)
+    assert h.passes.tolist() == [2, 2, 2] and h.correct.tolist() == [True, False, False]
+    a = hs.act_rule(run, 0.9)                     # fires at pass 1 on sample 1 only
+    assert a.passes.tolist() == [5, 1, 5] and a.correct.tolist() == [True, True, False]
+    assert a.settled.tolist() == [False, True, False]
+
+
+def test_step_rule_halts_at_the_first_small_step():
+    h = hs.step_rule(hand_run(), 0.05, "inf")
+    # sample 0: r_2 = 0.01 <= 0.05 -> halt after pass 3; sample 1: r_3 = 0.01 -> pass 4;
+    # sample 2 never: budget
+    assert h.passes.tolist() == [3, 4, 5] and h.settled.tolist() == [True, True, False]
+
+
+def test_corrected_rule_waits_for_the_contraction_estimate():
+    run = hand_run()
+    h = hs.corrected_rule(run, 0.05, "inf")
+    plain = hs.step_rule(run, 0.05, "inf")
+    assert (h.passes >= plain.passes).all()
+    # sample 0: ratios r1/r0 = 1, r2/r1 = 0.01, r3/r2 = 0.01: rho_2 = max(1, 0.01) = 1 -> capped 0.999
+    # (no halt at pass 3), rho_3 = 0.01 -> r_3 / 0.99 <= 0.05: halt after pass 4
+    assert h.passes[0].item() == 4
+
+
+def test_metrics_overshoot_and_premature():
+    run = hand_run()
+    ks = hs.k_sat(run)
+    d = torch.tensor([1, 2, 20])
+    h = hs.act_rule(run, 0.9)
+    m = hs.metrics(h, ks, run.correct[-1], d)
+    # sample 1 halted at pass 1 before K_sat = 3, right there: not premature (premature needs wrong)
+    assert m["premature_halt_rate"] == 0.0
+    h2 = hs.fixed_depth(run, 2)                   # sample 1 wrong at pass 2 and right later: premature
+    m2 = hs.metrics(h2, ks, run.correct[-1], d)
+    assert m2["premature_halt_rate"] == pytest.approx(1 / 3)
+    assert m2["median_overshoot_correct"]["0-3"] == 0.0      # sample 0: halt 2 - K_sat 2
+    assert m2["accuracy_by_bucket"]["13-20"] == 0.0
+    assert m2["settled_correct_table"]["settled_correct"] == 1
+
+
+def test_auroc_matches_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1, 1, 40), rng.normal(0, 1, 60)
+    pos[:5] = neg[:5]                                         # ties
+    ref = sklearn_metrics.roc_auc_score(np.r_[np.ones(40), np.zeros(60)], np.r_[pos, neg])
+    assert hs.auroc(list(pos), list(neg)) == pytest.approx(ref)
+    assert np.isnan(hs.auroc([], [1.0]))
+
+
+def test_diagnose_summary_counts():
+    sig = {"distance / tolerance": 1.0, "spectral radius": 0.5, "restart distance": 0.0}
+    rows = [(True, False, {"FALSE_HALT"}, True, 3, sig), (True, False, set(), False, 20, sig),
+            (True, True, set(), False, 5, sig), (True, True, {"PATH_DEPENDENCE"}, False, 30, sig),
+            (False, False, {"DIVERGENCE"}, False, 40, sig)]
+    s = hs.summarize_diagnose(rows)
+    assert (s["settled_wrong"], s["settled_correct"]) == (2, 2)
+    assert s["settled_wrong_recall"] == 0.5 and s["false_alarm_rate"] == 0.5
+    assert s["check_recall"] == 0.5 and s["check_false_alarm_rate"] == 0.0
+    r = hs.flag_rates(rows)
+    assert r["divergence_rate"] == pytest.approx(0.2) and r["healthy_rate"] == pytest.approx(0.4)
+    assert r["accuracy_harder_than_training"] == pytest.approx(1 / 3)
+
+
+def test_replayed_step_rule_matches_fpsolve_iterations(one_thread):
+    """The study replays fpsolve's criterion on the plain run for operating-point selection:
+    the replay must give fpsolve's own iteration counts."""
+    torch.manual_seed(0)
+    model = MazeLoop(16, 2, residual_scale=1.0).eval()   # untrained: settles in 4-20 passes
+    m = generate(24, 8, np.random.default_rng(0), max_difficulty=12)
+    cells, labels, _ = hs.as_tensors(m)
+    head = hs.HaltHead(16)
+    run = hs.plain_run(model, head, cells, labels, 40)
+    for rtol in (1e-2, 1e-4):
+        replay = hs.step_rule(run, rtol, "inf")
+        solved = hs.fpsolve_rule(model, cells, labels, "fixed_point", "inf", rtol, 40)
+        assert solved.settled.all() and len(set(solved.passes.tolist())) > 1   # halts differ per sample
+        agree = (replay.passes == solved.passes).float().mean().item()
+        assert agree >= 0.95, (replay.passes.tolist(), solved.passes.tolist())
