@@ -27,12 +27,12 @@ FIGURES = os.path.join(ROOT, "docs", "figures")
 
 
 def logistic(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """z -> r z (1 - z), with r per sample."""
+    """z -> r z (1 - z), r per sample: period 1 for r < 3, 2 for 3 < r < 3.449, 4 for 3.449 < r < 3.544."""
     return r * z * (1 - z)
 
 
 def rotation(z: torch.Tensor, x: tuple) -> torch.Tensor:
-    """Rotation of the plane by theta about the centre c (both per sample)."""
+    """Rotation of the plane by theta about the centre c (both per sample): |λ| = 1, no real eigenvector."""
     c, theta = x
     d = z - c
     cos, sin = torch.cos(theta), torch.sin(theta)
@@ -40,7 +40,7 @@ def rotation(z: torch.Tensor, x: tuple) -> torch.Tensor:
 
 
 def scaled(z: torch.Tensor, x: tuple) -> torch.Tensor:
-    """z -> a z + b with a per sample."""
+    """z -> a z + b with a per sample: contracts (|a| < 1), cycles (a = -1) or grows (|a| > 1)."""
     a, b = x
     return a * z + b
 

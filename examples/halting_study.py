@@ -620,8 +620,7 @@ def difficulty_panel(ax, ev: dict, title: str) -> None:
 
 def heatmap(ax, values: np.ndarray, rows: List[str], cols: List[str], title: str, fmt: str) -> None:
     """An annotated table as an image: one row per rule, one column per difficulty bucket."""
-    shown = np.where(np.isfinite(values), values, np.nan)
-    ax.imshow(np.log1p(np.abs(np.nan_to_num(shown))), cmap="Blues", aspect="auto", vmin=0, vmax=np.log1p(50))
+    ax.imshow(np.log1p(np.abs(np.nan_to_num(values))), cmap="Blues", aspect="auto", vmin=0, vmax=np.log1p(50))
     for i in range(len(rows)):
         for j in range(len(cols)):
             v = values[i, j]

@@ -7,12 +7,17 @@ wrong map is as much a failure as one that stays silent on the right one.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 import fpsolve
 from fpsolve import Flag, diagnose
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from diagnose_gallery import logistic, rotation, scaled  # noqa: E402
 
 F = Flag
 
@@ -42,23 +47,7 @@ def contraction(n: int, q: float, seed: int = 0, dtype=torch.float64) -> torch.T
 
 # --- closed-form maps -------------------------------------------------------------------
 
-def logistic(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """z -> r z (1 - z): period 1 for r < 3, 2 for 3 < r < 3.449, 4 for 3.449 < r < 3.544."""
-    return r * z * (1 - z)
-
-
-def rotation(z: torch.Tensor, x: tuple) -> torch.Tensor:
-    """Rotation of the plane by angle theta about the centre c: |λ| = 1, no real eigenvector."""
-    c, theta = x
-    d = z - c
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    return c + torch.cat([cos * d[:, :1] - sin * d[:, 1:], sin * d[:, :1] + cos * d[:, 1:]], dim=1)
-
-
-def scaled(z: torch.Tensor, x: tuple) -> torch.Tensor:
-    """z -> a z + b with a per sample: contracts (|a| < 1), cycles (a = -1) or grows (|a| > 1)."""
-    a, b = x
-    return a * z + b
+# logistic, rotation and scaled are the gallery's (examples/diagnose_gallery.py).
 
 
 def double_well(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
