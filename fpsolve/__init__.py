@@ -2,6 +2,7 @@
 
 Everything public is imported here; the modules behind it are private.
 """
+from ._criteria import HaltHead, OutputKL, Residual, Stable
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
 from .diagnostics import Flag, Report, diagnose
@@ -20,6 +21,10 @@ __all__ = [
     "FixedPointIteration",
     "Anderson",
     "Broyden",
+    "Residual",
+    "Stable",
+    "OutputKL",
+    "HaltHead",
     "Implicit",
     "Phantom",
     "Unroll",

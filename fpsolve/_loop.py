@@ -11,17 +11,20 @@ gather per field to drop the stopped rows).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._criteria import Residual, compact_state as compact_rows
 from ._solution import Solution, Status
 from ._tree import select_rows
 from .solvers._base import Solver, compact
 
-#: A sample whose residual exceeds this multiple of its starting scale (||f(z0)-z0|| + ||f(z0)||)
-#: is DIVERGED, as is one whose residual is not finite.
+#: A sample is DIVERGED when its residual is not finite, or exceeds this multiple of its
+#: starting scale: max(||f(z0)-z0|| + ||f(z0)||, the norm of an all-ones sample). The floor
+#: keeps a bounded map that starts near 0 (tanh(2z + 1e-9)) from being called divergent.
 DIVERGENCE_FACTOR = 1e6
 
 
@@ -34,12 +37,12 @@ def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Ten
 class _Finished:
     """Rows that stopped together: original indices (None: all rows, in order) and results."""
 
-    __slots__ = ("rows", "z", "residual", "iterations", "converged")
+    __slots__ = ("rows", "z", "residual", "iterations", "status")
 
     def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: int,
-                 converged: Optional[Tensor]) -> None:
-        # converged: bool per row (True: CONVERGED, False: DIVERGED), or None for MAX_ITER
-        self.rows, self.z, self.residual, self.iterations, self.converged = rows, z, residual, iterations, converged
+                 status: Optional[Tensor]) -> None:
+        # status: int64 per row, or None for MAX_ITER
+        self.rows, self.z, self.residual, self.iterations, self.status = rows, z, residual, iterations, status
 
 
 _CONSTANTS: dict = {}
@@ -56,6 +59,44 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return t
 
 
+class Halt:
+    """A criterion other than the residual rule, seen by the loop on packed tensors."""
+
+    def __init__(self, criterion: Any, unpack: Callable[[Tensor], Any]) -> None:
+        self.criterion, self.unpack = criterion, unpack
+
+    def init(self, z: Tensor) -> Any:
+        return self.criterion.init(self.unpack(z), z.shape[0], z.device)
+
+    def __call__(self, z: Tensor, fz: Tensor, state: Any) -> Tuple[Tensor, Any]:
+        mask, state = self.criterion.check(self.unpack(z), self.unpack(fz), state)
+        return mask.to(device=z.device, dtype=torch.bool), state
+
+
+def _call_f(fn: Callable[[Tensor, Any], Tensor], z: Tensor, xa: Any, k: int, n_active: int, B: int) -> Tensor:
+    """One evaluation of f after the first; f's own exceptions reach the caller unchanged."""
+    try:
+        fz = fn(z, xa)
+    except Exception as err:
+        if n_active < B and hasattr(err, "add_note"):
+            err.add_note(
+                f"fpsolve: f failed on the {n_active} of {B} rows still active at iteration {k + 1}. "
+                f"With halting='sample' f receives only the active rows, so anything per-sample must "
+                f"be passed in x (not closed over); use halting='batch' if f needs the whole batch."
+            )
+        raise
+    if not isinstance(fz, Tensor) or fz.shape != z.shape or fz.dtype != z.dtype:
+        got = (f"shape {tuple(fz.shape)}, dtype {fz.dtype}" if isinstance(fz, Tensor)
+               else type(fz).__name__)
+        hint = ("" if n_active == B else " With halting='sample' f receives only the rows still "
+                "active, so it must treat samples independently; use halting='batch' if it mixes them.")
+        raise ValueError(
+            f"f returned {got} at iteration {k + 1} for a state of shape {tuple(z.shape)}, dtype "
+            f"{z.dtype}: f must return a state shaped like z.{hint}"
+        )
+    return fz
+
+
 def iterate(
     fn: Callable[[Tensor, Any], Tensor],
     z0: Tensor,
@@ -63,102 +104,96 @@ def iterate(
     fz0: Tensor,
     solver: Solver,
     *,
-    atol: float,
-    rtol: float,
+    rule: Residual,
+    halt: Optional[Halt] = None,
     max_iter: int,
     per_sample: bool,
-    norm: str,
     record: bool,
+    round_fn: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Solution:
     """Solve z = fn(z, x) from z0, given fz0 = fn(z0, x); z comes back in the loop's layout.
 
+    `rule` is the residual rule (it decides CONVERGED and the reported residual's norm); with
+    `halt`, that criterion decides instead and its halts are HALTED. `round_fn` maps each new
+    iterate to the user's precision (float16/bfloat16), so statuses hold at the returned values.
     Runs under no_grad, except for Unroll(), where autograd records it (decisions then use
     detached norms)."""
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
     dims = tuple(range(1, z0.ndim))
     bcast = (-1,) + (1,) * (z0.ndim - 1)
-    neg_rtol = _constant(-rtol, dtype, dev)
-    atol_t = _constant(atol, dtype, dev) if atol > 0 else None
+    norm = rule.norm
+    neg_rtol = _constant(-rule.rtol, dtype, dev)
+    atol_t = _constant(rule.atol, dtype, dev) if rule.atol > 0 else None
+    done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
+    floor = math.sqrt(z0[0].numel()) if norm == "l2" else 1.0
 
     finished: List[_Finished] = []
-    conv_mask = dead_mask = None      # halting="batch" only
+    dead_mask = None                  # halting="batch" only
     any_dead = False
 
     idx: Optional[Tensor] = None      # original row of each active row (made at the first drop)
     z, xa, fz = z0, x, fz0
-    best_z = best_r = limit = rn0 = fn0 = None
+    best_z = best_r = limit = None
     state = None
+    hstate = halt.init(z0) if halt is not None else None
     compact_state = getattr(solver, "compact", None) or compact
     n_active, evaluations = B, 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
     recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
+    one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
 
     k = 0
     while True:
         if k > 0:
-            try:
-                fz = fn(z, xa)
-            except Exception as err:
-                if n_active == B:
-                    raise
-                raise RuntimeError(
-                    f"f failed on the {n_active} of {B} rows still active at iteration {k + 1}: "
-                    f"{err}. With halting='sample' f receives only the active rows, so anything "
-                    f"per-sample must be passed in x (not closed over); use halting='batch' if f "
-                    f"needs the whole batch."
-                ) from err
-            if fz.shape != z.shape:
-                raise ValueError(
-                    f"f returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)} "
-                    f"at iteration {k + 1}. With halting='sample' f receives only the rows still "
-                    f"active, so it must treat samples independently; use halting='batch' if "
-                    f"it mixes them."
-                )
+            fz = _call_f(fn, z, xa, k, n_active, B)
         evaluations += n_active
         g = fz - z
         rn, fnorm = _norms(g.detach(), fz.detach(), dims, norm) if recording else _norms(g, fz, dims, norm)
         if trace_rows is not None:
             trace_rows.append((idx, rn))
-        excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: halt
-        if atol_t is not None:
-            excess = excess - atol_t
-        # The one host sync of an iteration: is every residual above tolerance and below the
-        # sample's best so far? (nan fails the `> 0` test, so non-finite values are caught.)
-        if k == 0:
-            rn0, fn0 = rn, fnorm
-            fast = excess.min().item() > 0
+        if halt is None:
+            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: halt
+            if atol_t is not None:
+                excess = excess - atol_t
         else:
+            stop, hstate = halt(z.detach(), fz.detach(), hstate)
+            excess = torch.where(stop, minus_one, one)
+        if k == 0:
+            limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
+        # The one host sync of an iteration: is every sample still running and improving (its
+        # residual below its best so far: no copy of the best iterate is needed)? (nan fails
+        # the `> 0` test, so non-finite values are caught.)
+        if k == 0:
+            fast = excess.min().item() > 0
+        elif per_sample:
             fast = torch.minimum(best_r - rn, excess).min().item() > 0
+        else:
+            fast = torch.minimum(limit - rn, excess).min().item() > 0
         keep = None
         if fast:
             best_z, best_r = z, rn     # the current iterate is every sample's best: no copy
         else:
             # Slow path: something halted, diverged or got worse.
-            if limit is None:
-                limit = (rn0 + fn0).mul_(DIVERGENCE_FACTOR)
             if k == 0:   # the start is the best so far, even when its residual is nan
                 if not bool(torch.isfinite(z).all()):
                     raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
                 best_z, best_r = z, rn
-            conv_now = excess <= 0
+            bad = ~(rn <= limit)      # non-finite, or blown up
+            conv_now = (excess <= 0) & ~bad
             if k > 0:
                 # The best iterate: the smallest residual, except that the iterate at which a
-                # sample meets the criterion is taken (so CONVERGED always holds at sol.z), and
-                # a sample that already converged (halting="batch") only moves to iterates
-                # that meet it too.
-                improved = rn < best_r
-                if conv_mask is None:
-                    improved = improved | conv_now
-                else:
-                    improved = (improved & (conv_now | ~conv_mask)) | (conv_now & ~conv_mask)
+                # sample meets its criterion is taken (so the status holds at sol.z).
+                improved = (rn < best_r) | conv_now
                 best_z = torch.where(improved.view(bcast), z, best_z)
                 best_r = torch.where(improved, rn, best_r)
-            bad = ~(rn <= limit)      # non-finite, or blown up
             if per_sample:
                 done = conv_now | bad
                 n_done = int(done.sum())      # (a host sync, on the slow path only)
+                codes = None
+                if n_done:
+                    codes = torch.where(conv_now, done_code, int(Status.DIVERGED))
                 if n_done == n_active:        # everyone left stops here: no copies
-                    finished.append(_Finished(idx, best_z, best_r, k + 1, conv_now))
+                    finished.append(_Finished(idx, best_z, best_r, k + 1, codes))
                     n_active = 0
                     break
                 if n_done:
@@ -167,20 +202,20 @@ def iterate(
                     order = torch.argsort(done, stable=True)
                     n_active -= n_done
                     keep = order[:n_active]
-                    if idx is None:
-                        idx = order
-                    else:
-                        idx = idx.index_select(0, order)
-                    best_z, best_r, limit, conv_now = (
-                        t.index_select(0, order) for t in (best_z, best_r, limit, conv_now))
+                    idx = order if idx is None else idx.index_select(0, order)
+                    best_z, best_r, limit, codes = (
+                        t.index_select(0, order) for t in (best_z, best_r, limit, codes))
                     finished.append(_Finished(idx[n_active:], best_z[n_active:], best_r[n_active:],
-                                              k + 1, conv_now[n_active:]))
+                                              k + 1, codes[n_active:]))
                     idx, best_z, best_r, limit = idx[:n_active], best_z[:n_active], best_r[:n_active], limit[:n_active]
                     xa = select_rows(xa, keep)
+                    if hstate is not None:
+                        hstate = compact_rows(hstate, keep)
             else:
-                conv_mask = conv_now if conv_mask is None else conv_mask | conv_now
+                # halting="batch": the batch stops when, at this one iterate, every sample
+                # meets its criterion or has diverged; the statuses are those at this iterate.
                 dead_mask = bad if dead_mask is None else dead_mask | bad
-                all_done, any_dead = torch.stack(((conv_mask | dead_mask).all(), dead_mask.any())).tolist()
+                all_done, any_dead = torch.stack(((conv_now | dead_mask).all(), dead_mask.any())).tolist()
                 if all_done:
                     break
         if k + 1 >= max_iter:
@@ -195,15 +230,18 @@ def iterate(
             state = compact_state(state, keep)
         if any_dead:   # halting="batch": diverged rows stay frozen at their best iterate
             z = torch.where(dead_mask.view(bcast), best_z, z)
+        if round_fn is not None:
+            z = round_fn(z)
         k += 1
 
-    if not per_sample:   # every row received the same evaluations; no row was dropped
-        status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
+    if not per_sample:
+        # One iterate of the whole batch: the last one f saw; every status holds at it.
+        conv_last = (excess <= 0) & (rn <= limit)
+        status = torch.where(conv_last, done_code, int(Status.MAX_ITER))
         if dead_mask is not None:
             status = torch.where(dead_mask, int(Status.DIVERGED), status)
-            status = torch.where(conv_mask, int(Status.CONVERGED), status)
         iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
-        return _result(best_z, best_r, iterations, status, evaluations, trace_rows, B, dtype)
+        return _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
     if n_active:   # budget spent: the rows still active get MAX_ITER
         finished.append(_Finished(idx, best_z, best_r, k + 1, None))
     return _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
@@ -219,16 +257,15 @@ def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
                 trace[t] = rr
             else:
                 trace[t].index_copy_(0, ix, rr)
-    return Solution(z=z, iterations=it, residual=r, converged=status == int(Status.CONVERGED),
-                    status=status, evaluations=evaluations, trace=trace)
+    converged = (status == int(Status.CONVERGED)) | (status == int(Status.HALTED))
+    return Solution(z=z, iterations=it, residual=r, converged=converged, status=status, evaluations=evaluations, trace=trace)
 
 
 def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Put the finished chunks back in the original row order, with their status codes."""
     dev = finished[0].z.device
     codes = [torch.full((c.z.shape[0],), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
-             if c.converged is None else torch.where(c.converged, int(Status.CONVERGED), int(Status.DIVERGED))
-             for c in finished]
+             if c.status is None else c.status for c in finished]
     if len(finished) == 1:   # everyone stopped together and no row was ever dropped
         c = finished[0]
         return c.z, c.residual, torch.full((B,), c.iterations, dtype=torch.int64, device=dev), codes[0]

@@ -14,6 +14,7 @@ class Status(enum.IntEnum):
     CONVERGED = 0
     MAX_ITER = 1
     DIVERGED = 2
+    HALTED = 3
 
     @property
     def message(self) -> str:
@@ -32,6 +33,11 @@ _MESSAGES = {
         "f produced non-finite values or the residual blew up; z is the best finite iterate "
         "seen. Try damping (FixedPointIteration(damping=0.5)), a smaller Anderson mixing "
         "factor, spectral normalisation of the block, or fpsolve.diagnose."
+    ),
+    Status.HALTED: (
+        "a criterion other than the residual rule (Stable, OutputKL, HaltHead) stopped the "
+        "sample; sol.residual tells how far from a fixed point it is. Gradients through "
+        "backward='implicit' assume a fixed point: a large residual makes them approximate."
     ),
 }
 
@@ -58,6 +64,8 @@ class Solution:
 
     def summary(self) -> str:
         """A short human-readable account of the batch."""
+        if self.status.numel() == 0:
+            return f"Solution(B=0: no samples; evaluations {self.evaluations})"
         counts = {s.name: int((self.status == s).sum()) for s in Status}
         it = self.iterations.double()
         parts = ", ".join(f"{k}: {v}" for k, v in counts.items() if v)
@@ -65,7 +73,7 @@ class Solution:
         worst = f"{float(finite.max()):.3g}" if finite.numel() else "n/a"
         return (
             f"Solution(B={self.status.numel()}; {parts}; iterations mean {it.mean():.1f} "
-            f"max {int(it.max()) if it.numel() else 0}; evaluations {self.evaluations}; "
+            f"max {int(it.max())}; evaluations {self.evaluations}; "
             f"max finite residual {worst})"
         )
 

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Tuple, Union
+import operator
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._backward import Implicit, Phantom, Unroll, implicit_attach, make_backward, phantom_steps, with_value
-from ._loop import iterate
+from ._criteria import Residual, make_criterion
+from ._loop import Halt, iterate
 from ._solution import Solution, Status
-from ._tree import StateLayout, check_x, tensors_in
+from ._tree import StateLayout, check_x, select_rows, tensors_in
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
 
 SOLVERS: Dict[str, Callable[[], Solver]] = {
@@ -49,11 +51,24 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _check_tolerance(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite number >= 0 (numpy scalars and 0-dim tensors are the numbers they hold)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}.")
-    if not math.isfinite(value) or value < 0:
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
-    return float(value)
+    return v
+
+
+def check_max_iter(value: Any, name: str = "max_iter") -> int:
+    """An integer >= 1 (numpy integers accepted; bools and floats are not)."""
+    try:
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+    return v
 
 
 def solve(
@@ -69,6 +84,7 @@ def solve(
     backward: Any = "implicit",
     norm: str = "l2",
     record: bool = False,
+    criterion: Any = None,
 ) -> Solution:
     """Find z with z = f(z, x) (or f(z) when x is None) for every sample of a batch.
 
@@ -76,6 +92,10 @@ def solve(
     non-batch dimensions); with halting="sample" it is then no longer passed to f. Returns a
     `Solution`: per sample the best iterate, its residual, the evaluations it received and a
     `Status`. Non-finite or blown-up samples get DIVERGED without disturbing the rest.
+    `criterion` (Residual, Stable, OutputKL, HaltHead) replaces the residual rule; samples it
+    stops are HALTED. float16/bfloat16 states are iterated in float32 but every iterate is
+    rounded to the state's dtype before f sees it, so statuses hold at the returned values
+    (the residual computed in float32 from them).
     """
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, x) (or f(z) when x is None); got {type(f).__name__}.")
@@ -85,25 +105,26 @@ def solve(
     rtol = _check_tolerance("rtol", rtol)
     if atol == 0.0 and rtol == 0.0:
         raise ValueError("atol and rtol are both 0: no sample could ever halt; set rtol (e.g. 1e-4) or atol.")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1; got {max_iter!r}.")
+    max_iter = check_max_iter(max_iter)
     solver_obj = make_solver(solver)
     _check_choice("halting", halting, HALTINGS)
     _check_choice("norm", norm, NORMS)
+    if not isinstance(record, bool):
+        raise TypeError(f"record must be True or False; got {record!r}.")
+    rule, other = make_criterion(criterion, atol, rtol, norm)
     bw = make_backward(backward)
     for t in tensors_in(x):
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
 
+    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in layout.leaves):
+        # (a warm start saved under inference_mode cannot enter a graph: use a normal copy)
+        z0 = layout.container(t.clone() for t in z0) if layout.container is not None else z0.clone()
+        layout = StateLayout(z0)
     z_start = layout.pack(z0)
     if z_start.requires_grad:
         z_start = z_start.detach()
     B = layout.batch
-    if B == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=layout.device)
-        return Solution(z=z0, iterations=empty, residual=empty.to(z_start.dtype),
-                        converged=empty.bool(), status=empty.clone(), evaluations=0,
-                        trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
     fn = layout.wrap(f, x is not None)
     grad_mode = torch.is_grad_enabled() and bw is not None
     # z0 is only a starting point: the fixed point does not depend on it, so it is detached.
@@ -119,10 +140,19 @@ def solve(
             pass
         raise
     fz0 = layout.pack(first)
+    if B == 0:   # (f's output was checked once; there is nothing to solve)
+        empty = torch.zeros(0, dtype=torch.int64, device=layout.device)
+        return Solution(z=layout.unpack(z_start), iterations=empty, residual=empty.to(z_start.dtype),
+                        converged=empty.bool(), status=empty.clone(), evaluations=0,
+                        trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
     # A graph is needed only if x or a tensor f uses requires grad (f's output tells).
     needs_grad = grad_mode and fz0.requires_grad
-    options = dict(atol=atol, rtol=rtol, max_iter=max_iter, per_sample=halting == "sample",
-                   norm=norm, record=record)
+    round_fn = None
+    if layout.work_dtype != layout.dtype:
+        low = layout.dtype
+        round_fn = lambda t: t.to(low).to(t.dtype)  # noqa: E731
+    options = dict(rule=rule, max_iter=max_iter, per_sample=halting == "sample", record=record,
+                   round_fn=round_fn, halt=None if other is None else Halt(other, layout.unpack))
     runner = None
     if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
         # Record the whole forward solve, solver algebra included.
@@ -138,21 +168,44 @@ def solve(
             if isinstance(bw, Implicit):
                 adjoint_solver = solver_obj if bw.solver is None else make_solver(bw.solver)
                 adjoint_options = dict(
-                    options, record=False,
-                    atol=atol if bw.atol is None else float(bw.atol),
-                    rtol=rtol if bw.rtol is None else float(bw.rtol),
+                    options, record=False, halt=None, round_fn=None,
+                    rule=Residual(rule.atol if bw.atol is None else float(bw.atol),
+                                  rule.rtol if bw.rtol is None else float(bw.rtol), rule.norm),
                     max_iter=max_iter if bw.max_iter is None else bw.max_iter,
                 )
                 z_out, runner = implicit_attach(
                     fn, res.z, x, lambda vjp, g: _solve_adjoint(vjp, g, adjoint_solver, adjoint_options))
             else:
                 steps, damping = (bw.steps, bw.damping) if isinstance(bw, Phantom) else (bw.steps, 1.0)
-                z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
+                z_out = _stepped(fn, res, x, steps, damping, halting == "sample")
     sol = res
     sol.z = layout.unpack(z_out)
     if runner is not None:
         runner.solution = sol
     return sol
+
+
+def _stepped(fn: Callable[[Tensor, Any], Tensor], res: Solution, x: Any, steps: int, damping: float,
+             per_sample: bool) -> Tensor:
+    """res.z carrying the gradient of `steps` damped passes of f (Phantom, Unroll(steps=k)).
+
+    DIVERGED rows keep their finite value without a gradient: with per-sample halting they are
+    left out of the passes (their non-finite f would poison shared parameters' gradients);
+    under halting="batch" (f may mix rows) their part of the graph is masked out.
+    """
+    ok = res.status != int(Status.DIVERGED)
+    if bool(ok.all()):
+        return with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
+    if per_sample:
+        rows = ok.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return res.z
+        graph = phantom_steps(fn, res.z.index_select(0, rows), select_rows(x, rows), steps, damping)
+        delta = torch.zeros_like(res.z).index_copy(0, rows, graph - graph.detach())
+        return res.z + delta
+    graph = phantom_steps(fn, res.z, x, steps, damping)
+    mask = ok.view((-1,) + (1,) * (graph.ndim - 1))
+    return res.z + torch.where(mask, graph - graph.detach(), torch.zeros_like(graph))
 
 
 def _solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, solver: Solver,

@@ -118,10 +118,21 @@ class StateLayout:
         """The function the loop calls: loop tensor (active rows) -> loop tensor."""
         if self.is_identity():
             return f if has_x else (lambda z, xa: f(z))
-        pack, unpack = self.pack, self.unpack
+        pack, unpack, checked = self.pack, self.unpack, self._checked
         if has_x:
-            return lambda z, xa: pack(f(unpack(z), xa))
-        return lambda z, xa: pack(f(unpack(z)))
+            return lambda z, xa: pack(checked(f(unpack(z), xa)))
+        return lambda z, xa: pack(checked(f(unpack(z))))
+
+    def _checked(self, out: Any) -> Any:
+        """f's output at a later pass, after a cheap check of its structure and dtype."""
+        if self.container is None:
+            ok = isinstance(out, Tensor) and out.dtype == self.dtype
+        else:
+            ok = (isinstance(out, (tuple, list)) and len(out) == len(self.leaves)
+                  and all(isinstance(o, Tensor) and o.dtype == self.dtype for o in out))
+        if not ok:
+            self.check_output(out)   # raises the clear error
+        return out
 
 
 def check_x(x: Any, batch: int, name: str = "x") -> None:
