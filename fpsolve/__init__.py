@@ -9,12 +9,16 @@ from .diagnostics import Flag, Report, diagnose
 from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status
 from ._solve import solve
+from ._stream import StreamResult, solve_stream, stream
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
 
 __version__ = "0.1.0"
 
 __all__ = [
     "solve",
+    "stream",
+    "solve_stream",
+    "StreamResult",
     "Solution",
     "Status",
     "Solver",
