@@ -242,49 +242,48 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
     done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
     K = check_every
-    ring_z = z.new_empty((K,) + tuple(z.shape))
-    ring_r = z.new_empty(K, S)
-    ring_code = torch.empty(K, S, dtype=torch.int64, device=dev)   # -1: running
+    ring_z = z.new_empty((K,) + tuple(z.shape))     # the last K iterates of every slot
+    ring_r = z.new_empty(K, S)                       # ||f(z) - z|| at them
+    ring_f = z.new_empty(K, S)                       # ||f(z)|| at them
+    ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion object's verdicts
     # Each slot's best iterate so far (nan: none yet), merged from the ring at every check.
     best_z, best_r = z.clone(), torch.full((S,), math.nan, dtype=wdt, device=dev)
-    neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
     limit = torch.empty(S, dtype=wdt, device=dev)
+    neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
     state = None
-    zero_code = torch.tensor(-1, dtype=torch.int64, device=dev)
-    max_code = torch.tensor(int(Status.MAX_ITER), dtype=torch.int64, device=dev)
-    div_code = torch.tensor(int(Status.DIVERGED), dtype=torch.int64, device=dev)
-    ok_code = torch.tensor(done_code, dtype=torch.int64, device=dev)
     steps = torch.arange(K, device=dev).view(K, 1)
+    bshape = (-1,) + (1,) * (z.ndim - 1)
+    if rule.norm == "l2":
+        norm_into = lambda t, out: torch.linalg.vector_norm(t, dim=dims, out=out)  # noqa: E731
+    else:
+        norm_into = lambda t, out: torch.amax(t.abs(), dim=dims, out=out)  # noqa: E731
 
     while True:
-        # ---- K passes with fixed shapes and no host sync ---------------------------------
+        # ---- K passes with fixed shapes and no host sync: f, two norms, one copy, the step --
+        ages = age.unsqueeze(0) + steps                            # [K, S]: k of each pass
         for p in range(K):
             fz = _call(fn, z, x_slots, S)
             g = fz - z
-            rn, fnorm = _norms(g, fz, dims, rule.norm)
-            first = age == 0
-            limit = torch.where(first, torch.clamp_min(rn + fnorm, floor) * DIVERGENCE_FACTOR, limit)
-            if halt is None:
-                met = torch.addcmul(rn, fnorm, neg_rtol) <= rule.atol
-            else:
-                met, hstate = halt(z, fz, other.reset(hstate, first))
-            bad = ~(rn <= limit)
-            code = torch.where(met & ~bad, ok_code, zero_code)
-            code = torch.where(bad, div_code, code)
-            code = torch.where((code < 0) & (age + 1 >= max_iter), max_code, code)
+            norm_into(g, ring_r[p])
+            norm_into(fz, ring_f[p])
             ring_z[p].copy_(z)
-            ring_r[p].copy_(rn)
-            ring_code[p].copy_(code)
+            if halt is not None:
+                met, hstate = halt(z, fz, other.reset(hstate, ages[p] == 0))
+                ring_met[p].copy_(met)
             if state is None:
                 state = solver_obj.init(z, fz, g)
-            z, state = solver_obj.step(state, z, fz, g, age)
+            z, state = solver_obj.step(state, z, fz, g, ages[p])
             if round_fn is not None:
                 z = round_fn(z)
-            age = age + 1
-        # ---- the check: emit what stopped, refill the slots ------------------------------
-        stopped = ring_code >= 0                                   # [K, S]
-        any_stop = stopped.any(dim=0) & active
+        # ---- the check: statuses of the window, emit what stopped, refill the slots -------
+        fresh = age == 0
+        limit = torch.where(fresh, torch.clamp_min(ring_r[0] + ring_f[0], floor) * DIVERGENCE_FACTOR, limit)
+        age = age + K
+        met = torch.addcmul(ring_r, ring_f, neg_rtol) <= rule.atol if halt is None else ring_met
+        bad = ~(ring_r <= limit)
+        stopped = met | bad | (ages + 1 >= max_iter)
         first_stop = torch.where(stopped, steps, K).amin(dim=0)    # K: none in this window
+        any_stop = (first_stop < K) & active
         valid = steps <= first_stop                                # passes that belong to the sample
         # Each sample's best over the window (for MAX_ITER / DIVERGED), merged with earlier ones.
         masked = torch.where(valid & ~torch.isnan(ring_r), ring_r, math.inf)
@@ -292,18 +291,22 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
         w_r = ring_r.gather(0, w_best.view(1, S)).squeeze(0)
         better = (w_r < best_r) | torch.isnan(best_r)
         gather_z = lambda t: ring_z.gather(0, t.view((1, S) + (1,) * (z.ndim - 1)).expand((1,) + tuple(z.shape))).squeeze(0)  # noqa: E731
-        best_z = torch.where(better.view((-1,) + (1,) * (z.ndim - 1)), gather_z(w_best), best_z)
+        best_z = torch.where(better.view(bshape), gather_z(w_best), best_z)
         best_r = torch.where(better, w_r, best_r)
         emit_rows = any_stop.nonzero().squeeze(1)                   # the one host sync of a check
         n_emit = emit_rows.numel()
         if n_emit:
             fs = first_stop.index_select(0, emit_rows)
-            codes = ring_code.gather(0, first_stop.clamp_max(K - 1).view(1, S)).squeeze(0).index_select(0, emit_rows)
+            at = fs.view(1, -1)
+            bad_fs = bad.index_select(1, emit_rows).gather(0, at).squeeze(0)
+            met_fs = met.index_select(1, emit_rows).gather(0, at).squeeze(0)
+            codes = torch.where(met_fs & ~bad_fs, done_code, int(Status.MAX_ITER))
+            codes = torch.where(bad_fs, int(Status.DIVERGED), codes)
             at_stop = ring_z.index_select(1, emit_rows).gather(
                 0, fs.view((1, -1) + (1,) * (z.ndim - 1)).expand((1, n_emit) + tuple(z.shape[1:]))).squeeze(0)
-            r_stop = ring_r.index_select(1, emit_rows).gather(0, fs.view(1, -1)).squeeze(0)
+            r_stop = ring_r.index_select(1, emit_rows).gather(0, at).squeeze(0)
             take_stop = codes == done_code
-            out_z = torch.where(take_stop.view((-1,) + (1,) * (z.ndim - 1)), at_stop, best_z.index_select(0, emit_rows))
+            out_z = torch.where(take_stop.view(bshape), at_stop, best_z.index_select(0, emit_rows))
             out_r = torch.where(take_stop, r_stop, best_r.index_select(0, emit_rows))
             its = age.index_select(0, emit_rows) - K + fs + 1
             yield _Chunk(sample.index_select(0, emit_rows), out_z, its, out_r, codes), layout

@@ -1,0 +1,234 @@
+"""Problem 6 of BENCH.md: halting in wall time on streams of mixed difficulty.
+
+Each stream goes through: the oracle fixed depth (every batch runs K passes, K = the most any
+sample needs, no checks), `solve` with halting="batch" and "sample" (batch by batch), and
+`solve_stream` (eager, and with f compiled by torch.compile; compile time reported apart).
+Reported per method: samples/s, f calls, f rows, occupancy (rows per call / slots), and the
+limits (rows >= sum of iterations; calls >= sum of iterations / slots), plus the ideal: the
+fixed-depth time x sum of iterations / (N K), i.e. halting whose bookkeeping is free.
+
+    python benchmarks/stream.py [--repeats 7] [--threads 1] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fpsolve  # noqa: E402
+
+
+class Counted:
+    """f with call and row counters (no timers: the stream benchmark times whole runs)."""
+
+    def __init__(self, f: Callable[..., Any]) -> None:
+        self.f, self.calls, self.rows = f, 0, 0
+
+    def __call__(self, z: torch.Tensor, x: Any) -> torch.Tensor:
+        self.calls += 1
+        self.rows += z.shape[0]
+        return self.f(z, x)
+
+
+class MixedMLP(nn.Module):
+    """z -> tanh(c_i W z + x_i): W symmetric, spectral radius 1; c_i per sample in x."""
+
+    def __init__(self, n: int, gen: torch.Generator) -> None:
+        super().__init__()
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))
+        w = q @ torch.diag(torch.linspace(-1.0, 1.0, n, dtype=torch.float64)) @ q.t()
+        self.register_buffer("wt", w.float().t().contiguous())
+
+    def forward(self, z: torch.Tensor, x: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xi, c = x
+        return torch.tanh(c * (z @ self.wt) + xi)
+
+
+class SmallBlock(nn.Module):
+    """A small pre-norm transformer block as a looped map: c_i * tanh(block(z + x)) + x."""
+
+    def __init__(self, d: int, heads: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.ndim == 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+
+    def forward(self, z: torch.Tensor, x: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xi, c = x
+        h = z + xi
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.ln2(h))
+        return c.view(-1, 1, 1) * torch.tanh(h) + xi
+
+
+@dataclass
+class Stream:
+    name: str
+    description: str
+    f: nn.Module
+    x: torch.Tensor
+    c: torch.Tensor
+    batch: int
+    rtol: float
+    max_iter: int
+
+    def batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.x[i:i + self.batch], self.c[i:i + self.batch]) for i in range(0, self.x.shape[0], self.batch)]
+
+
+def build(name: str, quick: bool = False) -> Stream:
+    gen = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        N, n = (512 if quick else 2048), 256
+        c = 0.3 + 0.68 * torch.rand(N, 1, generator=gen)
+        x = torch.randn(N, n, generator=gen)
+        return Stream(name, f"tanh(c_i W z + x), W symmetric with spectral radius 1, c_i ~ U[0.3, 0.98], "
+                      f"width {n}, {N} inputs, batches/slots of 64", MixedMLP(n, gen).eval(), x, c, 64, 1e-4, 100)
+    if name == "transformer":
+        torch.manual_seed(0)
+        N, seq, d = (64 if quick else 256), 16, 64
+        c = 0.2 + 0.7 * torch.rand(N, generator=gen)
+        x = torch.randn(N, seq, d, generator=gen)
+        return Stream(name, f"pre-norm transformer block, output c_i tanh(.) + x, c_i ~ U[0.2, 0.9], seq {seq}, "
+                      f"width {d}, {N} inputs, batches/slots of 16", SmallBlock(d, 4, gen).eval(), x, c, 16, 1e-4, 100)
+    raise ValueError(name)
+
+
+def _z0(s: Stream, rows: int) -> torch.Tensor:
+    return torch.zeros((rows,) + tuple(s.x.shape[1:]))
+
+
+def run_fixed(s: Stream, f: Callable[..., Any], K: int) -> None:
+    for xb, cb in s.batches():
+        z = _z0(s, xb.shape[0])
+        for _ in range(K):
+            z = f(z, (xb, cb))
+
+
+def run_solve(s: Stream, f: Callable[..., Any], halting: str) -> fpsolve.Solution:
+    sols = [fpsolve.solve(f, _z0(s, xb.shape[0]), (xb, cb), solver="fixed_point", rtol=s.rtol,
+                          max_iter=s.max_iter, halting=halting, backward="none") for xb, cb in s.batches()]
+    return sols[-1]
+
+
+def run_stream(s: Stream, f: Callable[..., Any], check_every: Any = None) -> fpsolve.Solution:
+    shape = tuple(s.x.shape[1:])
+    return fpsolve.solve_stream(f, s.batches(), slots=s.batch, solver="fixed_point", rtol=s.rtol,
+                                max_iter=s.max_iter, z0=torch.zeros((1,) + shape), check_every=check_every)
+
+
+def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = None) -> Dict[str, Any]:
+    """Every method timed in alternating rounds; least and median wall time per method."""
+    with torch.no_grad():
+        ref = run_stream(s, s.f, check_every=1)
+    its = ref.iterations
+    N, K, total = its.numel(), int(its.max()), int(its.sum())
+    methods: Dict[str, Callable[[Callable[..., Any]], Any]] = {
+        "fixed depth (oracle K)": lambda f: run_fixed(s, f, K),
+        "solve, halting='batch'": lambda f: run_solve(s, f, "batch"),
+        "solve, halting='sample'": lambda f: run_solve(s, f, "sample"),
+        "stream": lambda f: run_stream(s, f, check_every),
+    }
+    fs = {m: s.f for m in methods}
+    compile_s = None
+    if compiled:
+        fc = torch.compile(s.f)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run_stream(s, fc, check_every)           # warm-up: compiles once
+        compile_s = time.perf_counter() - t0
+        methods["stream, compiled f"] = lambda f: run_stream(s, f, check_every)
+        fs["stream, compiled f"] = fc
+    walls: Dict[str, List[float]] = {m: [] for m in methods}
+    counts: Dict[str, Tuple[int, int]] = {}
+    with torch.no_grad():
+        for m, run in methods.items():     # warm-up and counts
+            cf = Counted(fs[m])
+            run(cf)
+            counts[m] = (cf.calls, cf.rows)
+        for _ in range(repeats):
+            for m, run in methods.items():
+                t0 = time.perf_counter()
+                run(fs[m])
+                walls[m].append(time.perf_counter() - t0)
+    fixed = min(walls["fixed depth (oracle K)"])
+    out = {"name": s.name, "description": s.description, "N": N, "K": K, "iterations_sum": total,
+           "iterations_mean": total / N, "slots": s.batch, "ideal_ms": fixed * total / (N * K) * 1e3,
+           "compile_s": compile_s, "check_every": check_every or fpsolve._stream.DEFAULT_CHECK_EVERY,
+           "methods": {}}
+    for m in methods:
+        w = sorted(walls[m])
+        calls, rows = counts[m]
+        out["methods"][m] = {"wall_ms": w[0] * 1e3, "wall_ms_median": w[len(w) // 2] * 1e3,
+                             "samples_per_s": N / w[0], "calls": calls, "rows": rows,
+                             "occupancy": rows / (calls * s.batch), "x_fixed": w[0] / fixed}
+    st = out["methods"]["stream"]
+    out["limits"] = {"rows_min": total, "calls_min": total / s.batch,
+                     "calls_goal": 1.15 * total / s.batch + K}
+    out["goals"] = {
+        "stream calls <= 1.15 sum/slots + K": st["calls"] <= out["limits"]["calls_goal"],
+        "stream / fixed": st["x_fixed"],
+        "stream / solve(sample)": st["wall_ms"] / out["methods"]["solve, halting='sample'"]["wall_ms"],
+        "stream / ideal": st["wall_ms"] / out["ideal_ms"],
+    }
+    return out
+
+
+def markdown(results: List[Dict[str, Any]]) -> List[str]:
+    lines = []
+    for r in results:
+        lines += [
+            f"**{r['name']}**: {r['description']}. Fixed-point solver, rtol {1e-4}, N = {r['N']}, "
+            f"K = {r['K']} (the most any sample needs), mean iterations {r['iterations_mean']:.1f}; "
+            f"stream check_every {r['check_every']}"
+            + (f"; torch.compile warm-up {r['compile_s']:.1f} s (not in the times)." if r['compile_s'] else "."),
+            "",
+            "| method | wall ms (least [median]) | × fixed depth | samples/s | f calls | f rows | occupancy |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m, v in r["methods"].items():
+            lines.append(f"| {m} | {v['wall_ms']:.1f} [{v['wall_ms_median']:.1f}] | {v['x_fixed']:.2f}× | "
+                         f"{v['samples_per_s']:.0f} | {v['calls']} | {v['rows']} | {v['occupancy']:.2f} |")
+        lim = r["limits"]
+        lines += [f"| ideal (fixed × Σit ÷ (N·K)) | {r['ideal_ms']:.1f} | "
+                  f"{r['ideal_ms'] / r['methods']['fixed depth (oracle K)']['wall_ms']:.2f}× | | "
+                  f"≥ {lim['calls_min']:.0f} | ≥ {lim['rows_min']} | |", ""]
+        g = r["goals"]
+        lines.append(f"stream: f calls {r['methods']['stream']['calls']} vs goal ≤ {lim['calls_goal']:.0f} "
+                     f"({'met' if g['stream calls <= 1.15 sum/slots + K'] else 'NOT met'}); wall {g['stream / fixed']:.2f}× fixed depth, "
+                     f"{g['stream / solve(sample)']:.2f}× solve(sample), {g['stream / ideal']:.2f}× ideal.")
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--check-every", type=int, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    res = [measure(build(n, a.quick), a.repeats, not a.no_compile, a.check_every) for n in ("mlp", "transformer")]
+    print("\n".join(markdown(res)))
+
+
+if __name__ == "__main__":
+    main()

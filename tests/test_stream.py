@@ -1,0 +1,172 @@
+"""fpsolve.stream / solve_stream: per sample equal to solve alone, fixed shapes, exact counts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fpsolve
+from fpsolve import Status
+
+from problems import SOLVERS
+
+N, n = 41, 6
+
+
+def _problem(dtype=torch.float64, seed=0, nan_row=None):
+    """z -> tanh(c_i W z + x_i): per-sample contraction c_i in [0.3, 1.3] (some never settle)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = (W + W.T) / 2
+    W = (W / torch.linalg.eigvalsh(W).abs().max()).to(dtype)
+    c = (torch.rand(N, 1, generator=g, dtype=torch.float64) + 0.3).to(dtype)
+    x = torch.randn(N, n, generator=g, dtype=torch.float64).to(dtype)
+    if nan_row is not None:
+        x[nan_row, 2] = float("nan")
+    f = lambda z, xc: torch.tanh(xc[1] * (z @ W) + xc[0])  # noqa: E731
+    return f, x, c
+
+
+def _batches(x, c, size=5):
+    return [(x[i:i + size], c[i:i + size]) for i in range(0, x.shape[0], size)]
+
+
+def _alone(f, x, c, **kw):
+    """Each sample solved on its own by solve (the reference)."""
+    sols = [fpsolve.solve(f, torch.zeros(1, n, dtype=x.dtype), (x[i:i + 1], c[i:i + 1]), **kw) for i in range(x.shape[0])]
+    return (torch.cat([s.z for s in sols]), torch.cat([s.iterations for s in sols]),
+            torch.cat([s.status for s in sols]), torch.cat([s.residual for s in sols]))
+
+
+ZERO = lambda xc: torch.zeros(xc[0].shape[0], n, dtype=xc[0].dtype)  # noqa: E731
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_each_sample_equals_its_solve_alone(solver, check_every):
+    f, x, c = _problem(nan_row=7)
+    kw = dict(solver=solver, rtol=1e-8, max_iter=40)
+    z, its, status, res = _alone(f, x, c, **kw)
+    sol = fpsolve.solve_stream(f, _batches(x, c), slots=8, z0=ZERO, check_every=check_every, **kw)
+    assert torch.equal(sol.status, status)
+    assert torch.equal(sol.iterations, its)
+    torch.testing.assert_close(sol.z, z, rtol=1e-7, atol=1e-9)
+    ok = status != Status.DIVERGED
+    torch.testing.assert_close(sol.residual[ok], res[ok], rtol=1e-6, atol=1e-12)
+    assert set(status.tolist()) >= {Status.CONVERGED, Status.DIVERGED}
+    assert sol.status[7] == Status.DIVERGED and torch.isfinite(sol.z).all()
+
+
+@pytest.mark.parametrize("check_every", [1, 2, 5, 16])
+def test_counts_are_exact_whatever_check_every(check_every):
+    f, x, c = _problem()
+    base = fpsolve.solve_stream(f, _batches(x, c), slots=8, z0=ZERO, solver="fixed_point", rtol=1e-6,
+                                max_iter=30, check_every=1)
+    sol = fpsolve.solve_stream(f, _batches(x, c), slots=8, z0=ZERO, solver="fixed_point", rtol=1e-6,
+                               max_iter=30, check_every=check_every)
+    assert torch.equal(sol.iterations, base.iterations)
+    assert torch.equal(sol.status, base.status)
+    assert torch.equal(sol.z, base.z)
+    assert sol.evaluations >= base.evaluations     # only compute is wasted
+
+
+def test_f_always_sees_the_same_shapes_tail_included():
+    f, x, c = _problem()
+    seen = set()
+
+    def spy(z, xc):
+        seen.add((tuple(z.shape), tuple(xc[0].shape), tuple(xc[1].shape)))
+        return f(z, xc)
+
+    out = list(fpsolve.stream(spy, _batches(x, c, size=3), slots=8, z0=ZERO, solver="anderson", rtol=1e-6))
+    assert seen == {((8, n), (8, n), (8, 1))}
+    assert sorted(r.index for r in out) == list(range(N))
+
+
+def test_fewer_inputs_than_slots_and_an_empty_stream():
+    f, x, c = _problem()
+    sol = fpsolve.solve_stream(f, [(x[:3], c[:3])], slots=16, z0=ZERO, solver="fixed_point", rtol=1e-8, max_iter=40)
+    z, its, status, _ = _alone(f, x[:3], c[:3], solver="fixed_point", rtol=1e-8, max_iter=40)
+    assert torch.equal(sol.iterations, its)
+    assert list(fpsolve.stream(f, [], z0=ZERO)) == []
+
+
+def test_stream_results_and_input_structures():
+    f = lambda z, x: 0.5 * z + x["a"]  # noqa: E731
+    xs = torch.randn(10, 3, dtype=torch.float64)
+    out = list(fpsolve.stream(f, [{"a": xs[:4]}, {"a": xs[4:]}], slots=3, z0=torch.zeros(1, 3, dtype=torch.float64),
+                              solver="fixed_point", rtol=1e-10, max_iter=100))
+    assert sorted(r.index for r in out) == list(range(10))
+    for r in out:
+        assert isinstance(r, fpsolve.StreamResult) and isinstance(r.status, Status)
+        assert r.z.shape == (3,) and isinstance(r.iterations, int) and isinstance(r.residual, float)
+        torch.testing.assert_close(r.z, 2 * xs[r.index], rtol=1e-8, atol=1e-9)
+
+
+def test_tuple_state_and_z0_none_and_a_dataloader():
+    xs = torch.randn(20, 4, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs), batch_size=6)
+
+    def f(z, x):
+        return (0.5 * z[0] + x[0], 0.25 * z[1] + z[0])
+    z0 = lambda x: (torch.zeros_like(x[0]), torch.zeros_like(x[0]))  # noqa: E731
+    sol = fpsolve.solve_stream(f, loader, slots=4, z0=z0, solver="fixed_point", rtol=1e-10, max_iter=200)
+    torch.testing.assert_close(sol.z[0], 2 * xs, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(sol.z[1], 2 * xs * 4 / 3, rtol=1e-8, atol=1e-9)
+    # z0=None: zeros shaped like each input row
+    sol = fpsolve.solve_stream(lambda z, x: 0.5 * z + x, [xs], slots=5, solver="fixed_point", rtol=1e-10, max_iter=200)
+    torch.testing.assert_close(sol.z, 2 * xs, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_stream_equals_solve(dtype):
+    f, x, c = _problem(dtype=dtype)
+    kw = dict(solver="fixed_point", rtol=1e-2, max_iter=30)
+    ref = fpsolve.solve(f, torch.zeros(N, n, dtype=dtype), (x, c), **kw)
+    sol = fpsolve.solve_stream(f, _batches(x, c), slots=N, z0=lambda xc: torch.zeros(xc[0].shape[0], n, dtype=dtype), **kw)
+    assert sol.z.dtype == dtype
+    assert torch.equal(sol.iterations, ref.iterations) and torch.equal(sol.status, ref.status)
+
+
+def test_criteria_in_a_stream():
+    x = torch.tensor([[0.4], [0.45], [0.3]], dtype=torch.float64)
+    readout = lambda z: torch.stack((z, torch.full_like(z, 0.5)), dim=-1)  # noqa: E731
+    crit = fpsolve.Stable(readout, patience=2)
+    ref = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(3, 1, dtype=torch.float64), x,
+                        solver="fixed_point", criterion=crit)
+    sol = fpsolve.solve_stream(lambda z, x: 0.5 * z + x, [x[:1], x[1:]], slots=2, solver="fixed_point",
+                               criterion=crit, check_every=3)
+    assert torch.equal(sol.iterations, ref.iterations)
+    assert sol.status.tolist() == [Status.HALTED] * 3
+
+
+def test_bad_arguments_are_clear_errors():
+    f = lambda z, x: 0.5 * z + x  # noqa: E731
+    xs = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="slots"):
+        list(fpsolve.stream(f, [xs], slots=0))
+    with pytest.raises(ValueError, match="check_every"):
+        list(fpsolve.stream(f, [xs], check_every=0))
+    with pytest.raises(ValueError, match="same shape"):
+        list(fpsolve.stream(f, [xs, torch.randn(4, 5)], slots=2, max_iter=3))
+    with pytest.raises(ValueError, match="f returned"):
+        list(fpsolve.stream(lambda z, x: z[:, :1], [xs], slots=2))
+    with pytest.raises(TypeError, match="iterable"):
+        list(fpsolve.stream(f, xs))
+    with pytest.raises(ValueError, match="z0"):
+        list(fpsolve.stream(lambda z, x: z, [(xs, xs)]))
+    with pytest.raises(TypeError, match="unknown"):
+        fpsolve.solve_stream(f, [xs], halting="batch")
+
+
+def test_a_compiled_f_never_recompiles_over_the_whole_stream():
+    """Refills and the tail included: f sees one shape, so dynamo compiles once."""
+    torch._dynamo.reset()
+    W = torch.randn(8, 8) * 0.1
+    f = torch.compile(lambda z, x: torch.tanh(z @ W + x), backend="eager")
+    xs = torch.randn(37, 8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        sol = fpsolve.solve_stream(f, [xs[:10], xs[10:30], xs[30:]], slots=8, solver="fixed_point",
+                                   rtol=1e-5, check_every=2)
+    assert sol.converged.all()
