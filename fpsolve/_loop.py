@@ -1,13 +1,15 @@
-"""The one iteration loop: halting, compaction, best-iterate tracking, divergence, status, trace.
+"""The iteration loop: halting, compaction, best-iterate tracking, divergence, status, trace.
 
 Solvers only propose the next iterate (`solvers._base.Solver`); everything a user reads in a
 `Solution` is decided here, the same way for every solver.
 
-Cost per iteration on the fast path (no sample halted, every residual fell): f, one
-subtraction, two per-sample norms, four small ops on [B] (addcmul, sub, minimum, min) and ONE
-host sync (`.item()`) to decide whether anything needs attention. Only when a sample halts,
-diverges or fails to improve does the slow path run (masks, copies of the best iterate, one
-gather per field to drop the stopped rows).
+halting="sample" (`_iterate_sample`): a pass is f, one subtraction and two per-sample norms
+(plus the criterion); the host looks once every `check_every` passes (and after the first),
+with one sync when nothing happened in the window. At a look, each sample's first pass that
+met its criterion is found among the window's kept iterates, so counts and answers are exact,
+and the stopped rows are dropped from f, x and the solver state (one gather per field).
+halting="batch" (`iterate`): one sync per pass; the batch stops at the first iterate where
+every sample meets its criterion or has diverged, and returns that iterate.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class _Finished:
 
     __slots__ = ("rows", "z", "residual", "iterations", "status")
 
-    def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: int,
+    def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: Any,
                  status: Optional[Tensor]) -> None:
         # status: int64 per row, or None for MAX_ITER
         self.rows, self.z, self.residual, self.iterations, self.status = rows, z, residual, iterations, status
@@ -110,6 +112,7 @@ def iterate(
     per_sample: bool,
     record: bool,
     round_fn: Optional[Callable[[Tensor], Tensor]] = None,
+    check_every: int = 1,
 ) -> Solution:
     """Solve z = fn(z, x) from z0, given fz0 = fn(z0, x); z comes back in the loop's layout.
 
@@ -118,26 +121,30 @@ def iterate(
     iterate to the user's precision (float16/bfloat16), so statuses hold at the returned values.
     Runs under no_grad, except for Unroll(), where autograd records it (decisions then use
     detached norms)."""
+    if per_sample:
+        return _iterate_sample(fn, z0, x, fz0, solver, rule=rule, halt=halt, max_iter=max_iter,
+                               record=record, round_fn=round_fn, check_every=check_every)
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
     dims = tuple(range(1, z0.ndim))
     bcast = (-1,) + (1,) * (z0.ndim - 1)
-    norm = rule.norm
     neg_rtol = _constant(-rule.rtol, dtype, dev)
     atol_t = _constant(rule.atol, dtype, dev) if rule.atol > 0 else None
     done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
-    floor = math.sqrt(z0[0].numel()) if norm == "l2" else 1.0
+    floor = math.sqrt(z0[0].numel()) if rule.norm == "l2" else 1.0
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
 
-    finished: List[_Finished] = []
-    dead_mask = None                  # halting="batch" only
+    # halting="batch": every sample receives every pass (f may mix them). The batch stops when,
+    # at one iterate, every sample meets its criterion or has diverged, and returns that
+    # iterate: the statuses are those at it. A diverged row is frozen at its last finite
+    # iterate (safe_z) so it cannot poison a map that mixes rows.
+    dead_mask: Optional[Tensor] = None
     any_dead = False
-
-    idx: Optional[Tensor] = None      # original row of each active row (made at the first drop)
-    z, xa, fz = z0, x, fz0
-    best_z = best_r = limit = None
+    z, fz = z0, fz0
+    safe_z = limit = None
     state = None
     hstate = halt.init(z0) if halt is not None else None
-    compact_state = getattr(solver, "compact", None) or compact
-    n_active, evaluations = B, 0
+    evaluations = 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
     recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
     one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
@@ -145,81 +152,182 @@ def iterate(
     k = 0
     while True:
         if k > 0:
-            fz = _call_f(fn, z, xa, k, n_active, B)
-        evaluations += n_active
+            fz = _call_f(fn, z, x, k, B, B)
+        evaluations += B
         g = fz - z
-        rn, fnorm = _norms(g.detach(), fz.detach(), dims, norm) if recording else _norms(g, fz, dims, norm)
+        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
         if trace_rows is not None:
-            trace_rows.append((idx, rn))
+            trace_rows.append((None, rn))
         if halt is None:
-            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: halt
+            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
             if atol_t is not None:
                 excess = excess - atol_t
         else:
             stop, hstate = halt(z.detach(), fz.detach(), hstate)
             excess = torch.where(stop, minus_one, one)
-        if k == 0:
+        if limit is None:
             limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
-        # The one host sync of an iteration: is every sample still running and improving (its
-        # residual below its best so far: no copy of the best iterate is needed)? (nan fails
-        # the `> 0` test, so non-finite values are caught.)
-        if k == 0:
-            fast = excess.min().item() > 0
-        elif per_sample:
-            fast = torch.minimum(best_r - rn, excess).min().item() > 0
+        # The one host sync of a pass: is every sample still running and within bounds?
+        # (nan fails the `> 0` test, so non-finite values are caught.)
+        if torch.minimum(limit - rn, excess).min().item() > 0:
+            safe_z = z
         else:
-            fast = torch.minimum(limit - rn, excess).min().item() > 0
-        keep = None
-        if fast:
-            best_z, best_r = z, rn     # the current iterate is every sample's best: no copy
-        else:
-            # Slow path: something halted, diverged or got worse.
-            if k == 0:   # the start is the best so far, even when its residual is nan
-                if not bool(torch.isfinite(z).all()):
-                    raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
-                best_z, best_r = z, rn
             bad = ~(rn <= limit)      # non-finite, or blown up
-            conv_now = (excess <= 0) & ~bad
-            if k > 0:
-                # The best iterate: the smallest residual, except that the iterate at which a
-                # sample meets its criterion is taken (so the status holds at sol.z).
-                improved = (rn < best_r) | conv_now
-                best_z = torch.where(improved.view(bcast), z, best_z)
-                best_r = torch.where(improved, rn, best_r)
-            if per_sample:
-                done = conv_now | bad
-                n_done = int(done.sum())      # (a host sync, on the slow path only)
-                codes = None
-                if n_done:
-                    codes = torch.where(conv_now, done_code, int(Status.DIVERGED))
-                if n_done == n_active:        # everyone left stops here: no copies
-                    finished.append(_Finished(idx, best_z, best_r, k + 1, codes))
+            safe_z = z if safe_z is None else torch.where(bad.view(bcast), safe_z, z)
+            dead_mask = bad if dead_mask is None else dead_mask | bad
+            met = (excess <= 0) | dead_mask
+            all_done, any_dead = torch.stack((met.all(), dead_mask.any())).tolist()
+            if all_done:
+                break
+        if k + 1 >= max_iter:
+            break
+        if state is None:
+            state = solver.init(z, fz, g)
+        z, state = solver.step(state, z, fz, g, k)
+        if any_dead:
+            z = torch.where(dead_mask.view(bcast), safe_z, z)
+        if round_fn is not None:
+            z = round_fn(z)
+        k += 1
+
+    status = torch.where((excess <= 0) & (rn <= limit), done_code, int(Status.MAX_ITER))
+    if dead_mask is not None:
+        status = torch.where(dead_mask, int(Status.DIVERGED), status)
+        z = torch.where(dead_mask.view(bcast), safe_z, z)   # (a row that died at this pass)
+    iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
+    return _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
+
+
+def _iterate_sample(
+    fn: Callable[[Tensor, Any], Tensor], z0: Tensor, x: Any, fz0: Tensor, solver: Solver, *,
+    rule: Residual, halt: Optional[Halt], max_iter: int, record: bool,
+    round_fn: Optional[Callable[[Tensor], Tensor]], check_every: int,
+) -> Solution:
+    """halting="sample": every sample stops at its own pass; stopped rows leave f's batch.
+
+    The host looks every `check_every` passes. Between two looks a pass is f, one subtraction
+    and two norms: the iterates and norms of the window are kept (references, no copies), and
+    at the look each sample's first pass that met its criterion (or diverged, or spent the
+    budget) is found, so iteration counts and returned iterates are exact; a sample that
+    stopped inside the window only cost the rows of the passes after it. Rows are dropped
+    from f, x and the solver state at the look (one gather per field).
+    """
+    B, dev, dtype = z0.shape[0], z0.device, z0.dtype
+    dims = tuple(range(1, z0.ndim))
+    rows_b = (-1,) + (1,) * (z0.ndim - 1)        # a [b] mask against [b, ...]
+    at_b = (1, -1) + (1,) * (z0.ndim - 1)         # a [b] pass index against [w, b, ...]
+    neg_rtol = _constant(-rule.rtol, dtype, dev)
+    atol_t = _constant(rule.atol, dtype, dev) if rule.atol > 0 else None
+    done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
+    floor = math.sqrt(z0[0].numel()) if rule.norm == "l2" else 1.0
+    recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
+    compact_state = getattr(solver, "compact", None) or compact
+
+    finished: List[_Finished] = []
+    idx: Optional[Tensor] = None          # original row of each active row (made at the first drop)
+    z, xa, fz = z0, x, fz0
+    best_z: Optional[Tensor] = None       # best iterate before the current window (None: none yet)
+    best_r: Optional[Tensor] = None
+    limit: Optional[Tensor] = None
+    state = None
+    hstate = halt.init(z0) if halt is not None else None
+    n_active, evaluations = B, 0
+    trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
+    win_z: List[Tensor] = []
+    win_r: List[Tensor] = []
+    win_e: List[Tensor] = []              # excess over the tolerance (<= 0: met), or -1/+1
+    one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
+
+    k = 0
+    while True:
+        if k > 0:
+            fz = _call_f(fn, z, xa, k, n_active, B)
+        evaluations += n_active
+        g = fz - z
+        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
+        if trace_rows is not None:
+            trace_rows.append((idx, rn))
+        if halt is None:
+            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
+            if atol_t is not None:
+                excess = excess - atol_t
+        else:
+            stop, hstate = halt(z.detach(), fz.detach(), hstate)
+            excess = torch.where(stop, minus_one, one)
+        if limit is None:
+            limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
+        win_z.append(z)
+        win_r.append(rn)
+        win_e.append(excess)
+        last = k + 1 >= max_iter
+        keep = None
+        if len(win_z) == check_every or last or k == 0:   # (a look after the first pass
+            # catches a warm start that is already a fixed point)
+            # ---- the look: one host sync when nothing happened in the window -------------
+            R, E = torch.stack(win_r), torch.stack(win_e)        # [w, b]
+            w = R.shape[0]
+            prev = R[:-1] if best_r is None else torch.cat((best_r.unsqueeze(0), R[:-1]))
+            # nothing to do: no sample met, diverged, or failed to improve (then the last
+            # iterate is every sample's best and no iterate is copied)
+            steady = torch.minimum(E, prev - R if best_r is not None else torch.cat((R[:1], prev - R[1:])))
+            quiet = not last and steady.min().item() > 0
+            if quiet:
+                best_z, best_r = z, rn
+            else:
+                bad = ~(R <= limit)
+                met = (E <= 0) & ~bad
+                stopped = met | bad
+                if last:
+                    stopped = stopped.clone()
+                    stopped[-1] = True
+                steps = torch.arange(w, device=dev).view(w, 1)
+                first = torch.where(stopped, steps, w).amin(dim=0)            # w: runs on
+                valid = steps <= first
+                # best iterate per row: the smallest residual (earliest on ties) over the
+                # window's valid passes, merged with the best before the window
+                masked = torch.where(valid & ~torch.isnan(R), R, math.inf)
+                wb = masked.argmin(dim=0)
+                Z = torch.stack(win_z)
+                pick = lambda t: Z.gather(0, t.view(at_b).expand((1,) + tuple(Z.shape[1:]))).squeeze(0)  # noqa: E731
+                wr = R.gather(0, wb.view(1, -1)).squeeze(0)
+                if best_r is None:    # (the start is the best so far, even when its residual is nan)
+                    cand_z, cand_r = pick(wb), wr
+                else:
+                    better = wr < best_r
+                    cand_z = torch.where(better.view(rows_b), pick(wb), best_z)
+                    cand_r = torch.where(better, wr, best_r)
+                at = first.clamp_max(w - 1)
+                met_at = met.gather(0, at.view(1, -1)).squeeze(0) & (first < w)
+                bad_at = bad.gather(0, at.view(1, -1)).squeeze(0) & (first < w)
+                # the iterate at which a sample met its criterion is its answer
+                out_z = torch.where(met_at.view(rows_b), pick(at), cand_z)
+                out_r = torch.where(met_at, R.gather(0, at.view(1, -1)).squeeze(0), cand_r)
+                its = k + 1 - (w - 1) + at                  # evaluations at the stop pass
+                codes = torch.where(met_at, done_code, int(Status.MAX_ITER))
+                codes = torch.where(bad_at, int(Status.DIVERGED), codes)
+                done = first < w
+                n_done = int(done.sum())                      # (the host sync of a busy look)
+                if n_done == n_active:
+                    finished.append(_Finished(idx, out_z, out_r, its, codes))
                     n_active = 0
                     break
+                best_z, best_r = out_z, out_r
                 if n_done:
-                    # One gather per field: the rows that stay come first (in order), the rows
-                    # that stop are the tail, kept as a finished chunk.
                     order = torch.argsort(done, stable=True)
                     n_active -= n_done
                     keep = order[:n_active]
                     idx = order if idx is None else idx.index_select(0, order)
-                    best_z, best_r, limit, codes = (
-                        t.index_select(0, order) for t in (best_z, best_r, limit, codes))
+                    best_z, best_r, limit, codes, its = (
+                        t.index_select(0, order) for t in (best_z, best_r, limit, codes, its))
                     finished.append(_Finished(idx[n_active:], best_z[n_active:], best_r[n_active:],
-                                              k + 1, codes[n_active:]))
+                                              its[n_active:], codes[n_active:]))
                     idx, best_z, best_r, limit = idx[:n_active], best_z[:n_active], best_r[:n_active], limit[:n_active]
                     xa = select_rows(xa, keep)
                     if hstate is not None:
                         hstate = compact_rows(hstate, keep)
-            else:
-                # halting="batch": the batch stops when, at this one iterate, every sample
-                # meets its criterion or has diverged; the statuses are those at this iterate.
-                dead_mask = bad if dead_mask is None else dead_mask | bad
-                all_done, any_dead = torch.stack(((conv_now | dead_mask).all(), dead_mask.any())).tolist()
-                if all_done:
-                    break
-        if k + 1 >= max_iter:
-            break
+            win_z, win_r, win_e = [], [], []
         # The solver steps on the rows it has seen, then the rows that stopped are dropped
         # from its output (so f(z) and g are never copied).
         if state is None:
@@ -228,22 +336,9 @@ def iterate(
         if keep is not None:
             z = z.index_select(0, keep)
             state = compact_state(state, keep)
-        if any_dead:   # halting="batch": diverged rows stay frozen at their best iterate
-            z = torch.where(dead_mask.view(bcast), best_z, z)
         if round_fn is not None:
             z = round_fn(z)
         k += 1
-
-    if not per_sample:
-        # One iterate of the whole batch: the last one f saw; every status holds at it.
-        conv_last = (excess <= 0) & (rn <= limit)
-        status = torch.where(conv_last, done_code, int(Status.MAX_ITER))
-        if dead_mask is not None:
-            status = torch.where(dead_mask, int(Status.DIVERGED), status)
-        iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
-        return _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
-    if n_active:   # budget spent: the rows still active get MAX_ITER
-        finished.append(_Finished(idx, best_z, best_r, k + 1, None))
     return _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
 
 
@@ -257,6 +352,9 @@ def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
                 trace[t] = rr
             else:
                 trace[t].index_copy_(0, ix, rr)
+        # (passes that ran between a sample's stop and the next look are not its history)
+        T = int(it.max())
+        trace = trace[:T].masked_fill(torch.arange(T, device=z.device)[:, None] >= it[None, :], float("nan"))
     converged = (status == int(Status.CONVERGED)) | (status == int(Status.HALTED))
     return Solution(z=z, iterations=it, residual=r, converged=converged, status=status, evaluations=evaluations, trace=trace)
 
@@ -268,11 +366,12 @@ def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor
              if c.status is None else c.status for c in finished]
     if len(finished) == 1:   # everyone stopped together and no row was ever dropped
         c = finished[0]
-        return c.z, c.residual, torch.full((B,), c.iterations, dtype=torch.int64, device=dev), codes[0]
+        its = c.iterations if isinstance(c.iterations, Tensor) else torch.full((B,), c.iterations, dtype=torch.int64, device=dev)
+        return c.z, c.residual, its, codes[0]
     # Every chunk has its original rows once one was dropped; they form a permutation.
     inverse = torch.argsort(torch.cat([c.rows for c in finished]))
-    its = torch.tensor([c.iterations for c in finished for _ in range(c.z.shape[0])],
-                       dtype=torch.int64, device=dev)
+    its = torch.cat([c.iterations if isinstance(c.iterations, Tensor) else
+                     torch.full((c.z.shape[0],), c.iterations, dtype=torch.int64, device=dev) for c in finished])
     pick = lambda parts: torch.cat(parts).index_select(0, inverse)  # noqa: E731
     return (pick([c.z for c in finished]), pick([c.residual for c in finished]),
             its.index_select(0, inverse), pick(codes))

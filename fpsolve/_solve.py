@@ -21,6 +21,8 @@ SOLVERS: Dict[str, Callable[[], Solver]] = {
     "broyden": Broyden,
 }
 HALTINGS = ("sample", "batch")
+#: passes between two host looks under halting="sample" (measured: docs/benchmarks.md, stream)
+DEFAULT_CHECK_EVERY = 4
 NORMS = ("l2", "inf")
 
 
@@ -85,6 +87,7 @@ def solve(
     norm: str = "l2",
     record: bool = False,
     criterion: Any = None,
+    check_every: Optional[int] = None,
 ) -> Solution:
     """Find z with z = f(z, x) (or f(z) when x is None) for every sample of a batch.
 
@@ -93,7 +96,9 @@ def solve(
     `Solution`: per sample the best iterate, its residual, the evaluations it received and a
     `Status`. Non-finite or blown-up samples get DIVERGED without disturbing the rest.
     `criterion` (Residual, Stable, OutputKL, HaltHead) replaces the residual rule; samples it
-    stops are HALTED. float16/bfloat16 states are iterated in float32 but every iterate is
+    stops are HALTED. `check_every`: with halting="sample", passes between two looks of the host
+    (stopped rows leave f's batch at a look; counts and results stay exact); None: fpsolve's
+    default (DEFAULT_CHECK_EVERY). float16/bfloat16 states are iterated in float32 but every iterate is
     rounded to the state's dtype before f sees it, so statuses hold at the returned values
     (the residual computed in float32 from them).
     """
@@ -112,6 +117,7 @@ def solve(
     if not isinstance(record, bool):
         raise TypeError(f"record must be True or False; got {record!r}.")
     rule, other = make_criterion(criterion, atol, rtol, norm)
+    check_every = DEFAULT_CHECK_EVERY if check_every is None else check_max_iter(check_every, "check_every")
     bw = make_backward(backward)
     for t in tensors_in(x):
         if t.device != layout.device:
@@ -152,11 +158,13 @@ def solve(
         low = layout.dtype
         round_fn = lambda t: t.to(low).to(t.dtype)  # noqa: E731
     options = dict(rule=rule, max_iter=max_iter, per_sample=halting == "sample", record=record,
+                   check_every=check_every,
                    round_fn=round_fn, halt=None if other is None else Halt(other, layout.unpack))
     runner = None
     if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
-        # Record the whole forward solve, solver algebra included.
-        res = iterate(fn, z_start, x, fz0, solver_obj, **options)
+        # Record the whole forward solve, solver algebra included (a look at every pass: the
+        # graph must hold no pass after a sample stopped, whose algebra may be non-finite).
+        res = iterate(fn, z_start, x, fz0, solver_obj, **dict(options, check_every=1))
         z_out = res.z
     else:
         fz0 = fz0.detach() if fz0.requires_grad else fz0

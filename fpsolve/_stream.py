@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._criteria import make_criterion
-from ._loop import DIVERGENCE_FACTOR, Halt, _norms
+from ._loop import DIVERGENCE_FACTOR, Halt
 from ._solution import Solution, Status
 from ._solve import _check_choice, _check_tolerance, check_max_iter, make_solver, NORMS
 from ._tree import StateLayout, select_rows, tensors_in

@@ -23,7 +23,7 @@ def test_halted_rows_are_not_passed_to_f_again(solver):
     A, b, want = _mixed_batch()
     f = RowCounter(linear_map)
     sol = fpsolve.solve(f, torch.zeros(6, 4, dtype=torch.float64), (A, b), solver=solver,
-                        rtol=1e-10, max_iter=500)
+                        rtol=1e-10, max_iter=500, check_every=1)
     assert sol.converged.all(), sol
     torch.testing.assert_close(sol.z, want, atol=1e-9, rtol=1e-7)
     assert isinstance(sol.evaluations, int)
@@ -64,7 +64,7 @@ def test_each_row_is_evaluated_exactly_iterations_times(solver):
         return linear_map(z, (A, b))
 
     sol = fpsolve.solve(f, torch.zeros(5, 3, dtype=torch.float64), (A, b, ids), solver=solver,
-                        rtol=1e-10, max_iter=500)
+                        rtol=1e-10, max_iter=500, check_every=1)
     assert sol.converged.all()
     for s in range(5):
         calls = [t for t, row in enumerate(seen) if s in row]

@@ -45,7 +45,8 @@ def test_random_contractions_always_converge_to_the_answer(seed, B, n, solver, r
     torch.testing.assert_close(sol.residual, r, rtol=1e-7, atol=1e-14)
     assert (r <= rtol * per_sample_norm(linear_map(sol.z, (A, b))) * (1 + 1e-7) + 1e-300).all()
     # accounting
-    assert sum(f.rows) == sol.evaluations == int(sol.iterations.sum())
+    its = int(sol.iterations.sum())
+    assert sum(f.rows) == sol.evaluations and its <= sol.evaluations <= its + 3 * B   # check_every 4
     assert all(x >= y for x, y in zip(f.rows, f.rows[1:]))
     assert torch.isfinite(sol.z).all()
 

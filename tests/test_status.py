@@ -134,7 +134,8 @@ def test_solution_fields_types_and_consistency(solver, record):
     assert sol.converged.dtype == torch.bool and sol.converged.shape == (B,)
     assert sol.residual.shape == (B,) and sol.residual.dtype == torch.float64
     assert type(sol.evaluations) is int
-    assert sol.evaluations == int(sol.iterations.sum())
+    # rows stop at a look of the host (every check_every = 4 passes): at most 3 extra passes each
+    assert int(sol.iterations.sum()) <= sol.evaluations <= int(sol.iterations.sum()) + 3 * B
     assert torch.equal(sol.converged, sol.status == Status.CONVERGED)
     assert torch.isfinite(sol.z).all()
     assert sol.status[0] == Status.CONVERGED and sol.iterations[0] == 2

@@ -56,7 +56,8 @@ def test_pair_state_comes_back_in_the_same_structure(solver, container):
     assert sol.converged.all()
     torch.testing.assert_close(sol.z[0], wantH, atol=1e-9, rtol=0)
     torch.testing.assert_close(sol.z[1], wantL, atol=1e-9, rtol=0)
-    assert sum(seen) == sol.evaluations == int(sol.iterations.sum())
+    its = int(sol.iterations.sum())
+    assert sum(seen) == sol.evaluations and its <= sol.evaluations <= its + 3 * B   # check_every 4
     # the residual is over both tensors of a sample
     fz = _pair_map(sol.z, x)
     r = torch.sqrt(((fz[0] - sol.z[0]) ** 2).sum(1) + ((fz[1] - sol.z[1]) ** 2).sum((1, 2)))
