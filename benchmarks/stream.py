@@ -217,6 +217,44 @@ def markdown(results: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+STREAMS = ("mlp", "transformer")
+
+
+def sweep(s: Stream, repeats: int, values: Tuple[int, ...] = (1, 2, 4, 8, 16)) -> List[str]:
+    """check_every against wall time and f calls, for stream and solve(sample), one run."""
+    with torch.no_grad():
+        ref = run_stream(s, s.f, check_every=1)
+    K = int(ref.iterations.max())
+    runs: Dict[str, Callable[[], Any]] = {"fixed": lambda: run_fixed(s, s.f, K)}
+    for v in values:
+        runs[f"stream {v}"] = (lambda v=v: run_stream(s, s.f, v))
+        runs[f"solve {v}"] = (lambda v=v: [fpsolve.solve(s.f, _z0(s, xb.shape[0]), (xb, cb), solver="fixed_point",
+                                                          rtol=s.rtol, max_iter=s.max_iter, backward="none",
+                                                          check_every=v) for xb, cb in s.batches()])
+    walls: Dict[str, List[float]] = {m: [] for m in runs}
+    with torch.no_grad():
+        for m, run in runs.items():
+            run()
+        for _ in range(repeats):
+            for m, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                walls[m].append(time.perf_counter() - t0)
+    fixed = min(walls["fixed"])
+    out = [f"**{s.name}**, `check_every` against wall time (least of {repeats}, × oracle fixed depth) and f calls:", "",
+           "| check_every | stream wall | stream f calls | solve(sample) wall | solve f rows |", "|---:|---:|---:|---:|---:|"]
+    for v in values:
+        cs, cv = Counted(s.f), Counted(s.f)
+        with torch.no_grad():
+            run_stream(s, cs, v)
+            for xb, cb in s.batches():
+                fpsolve.solve(cv, _z0(s, xb.shape[0]), (xb, cb), solver="fixed_point", rtol=s.rtol,
+                              max_iter=s.max_iter, backward="none", check_every=v)
+        out.append(f"| {v} | {min(walls[f'stream {v}']) / fixed:.2f}× | {cs.calls} | "
+                   f"{min(walls[f'solve {v}']) / fixed:.2f}× | {cv.rows} |")
+    return out + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
@@ -224,9 +262,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--check-every", type=int, default=None)
+    ap.add_argument("--sweep", action="store_true", help="only the check_every sweep")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    res = [measure(build(n, a.quick), a.repeats, not a.no_compile, a.check_every) for n in ("mlp", "transformer")]
+    if a.sweep:
+        for n in STREAMS:
+            print("\n".join(sweep(build(n, a.quick), a.repeats)))
+        return
+    res = [measure(build(n, a.quick), a.repeats, not a.no_compile, a.check_every) for n in STREAMS]
     print("\n".join(markdown(res)))
 
 

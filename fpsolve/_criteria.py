@@ -61,8 +61,9 @@ def _logits(owner: str, readout: Callable[[Any], Tensor], z: Any, batch: int) ->
 
 @dataclass(frozen=True)
 class Stable:
-    """Stop when argmax(readout(z)) (over the last dim, at every position) has not changed for
-    `patience` passes: the answer a looped model would read out has settled (K_sat)."""
+    """Stop when argmax(readout(z)) (over the last dim; readout(z) is [B, C] or [B, ..., C]) has
+    not changed at any position for `patience` passes: the answer a looped model would read out
+    has settled (the halting study's K_sat)."""
 
     readout: Callable[[Any], Tensor]
     patience: int = 1
@@ -80,7 +81,7 @@ class Stable:
 
     def check(self, z: Any, fz: Any, state: Any) -> Tuple[Tensor, CriterionState]:
         seen, count, prev = state
-        cls = _logits("Stable", self.readout, z, seen.shape[0]).argmax(dim=-1).flatten(1)
+        cls = _logits("Stable", self.readout, z, seen.shape[0]).argmax(dim=-1).reshape(seen.shape[0], -1)
         if prev is None:
             prev = cls
         same = seen & (cls == prev).all(dim=1)
@@ -110,7 +111,8 @@ class OutputKL:
 
     def check(self, z: Any, fz: Any, state: Any) -> Tuple[Tensor, CriterionState]:
         seen, prev = state
-        logp = torch.log_softmax(_logits("OutputKL", self.readout, z, seen.shape[0]).float(), dim=-1).flatten(1, -2)
+        logits = _logits("OutputKL", self.readout, z, seen.shape[0])
+        logp = torch.log_softmax(logits.float(), dim=-1).reshape(seen.shape[0], -1, logits.shape[-1])
         if prev is None:
             prev = logp
         kl = (logp.exp() * (logp - prev)).sum(dim=-1).amax(dim=1)
