@@ -114,6 +114,32 @@ class _AdjointRunner:
     def __init__(self, out: Tensor, zs: Tensor, solve_adjoint: Callable[..., Any]) -> None:
         self.out, self.zs, self.solve_adjoint = out, zs, solve_adjoint
         self.solution: Any = None    # the forward Solution, to receive `adjoint`
+        self.rule: Any = None        # the forward's residual rule (fpsolve.Residual)
+
+    def warn_if_not_fixed_points(self) -> None:
+        """The implicit gradient assumes z* = f(z*): warn for samples that are not there (budget
+        spent, or HALTED by a read-out criterion where the residual rule does not hold)."""
+        sol, rule = self.solution, self.rule
+        if sol is None or rule is None:
+            return
+        with torch.no_grad():
+            out, zs = self.out.detach(), self.zs.detach()
+            dims = tuple(range(1, out.ndim))
+            if rule.norm == "l2":
+                r, s = torch.linalg.vector_norm(out - zs, dim=dims), torch.linalg.vector_norm(out, dim=dims)
+            else:
+                r, s = (out - zs).abs().amax(dim=dims), out.abs().amax(dim=dims)
+            off = ~(r <= rule.atol + rule.rtol * s) & (sol.status != 2)   # (DIVERGED rows are reported as such)
+        n = int(off.sum())
+        if n:
+            warnings.warn(
+                f"backward='implicit' differentiates through a fixed point, but {n} of {off.numel()} "
+                f"samples are not at one (status {sol.status[off].tolist()[:8]}: budget spent or halted "
+                f"by a read-out criterion); their gradients are approximate. Raise max_iter, or use "
+                f"backward='unroll' / fpsolve.Phantom(...) to differentiate the passes actually run.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
 
     def vjp(self, v: Tensor) -> Tensor:
         w = torch.autograd.grad(self.out, self.zs, v, retain_graph=True, allow_unused=True)[0]
@@ -137,6 +163,7 @@ class _ImplicitFunction(torch.autograd.Function):
                 "higher-order gradients."
             )
         runner: _AdjointRunner = ctx.runner
+        runner.warn_if_not_fixed_points()
         u, adjoint = runner.solve_adjoint(runner.vjp, grad)
         if runner.solution is not None:
             runner.solution.adjoint = adjoint

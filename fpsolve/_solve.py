@@ -189,7 +189,7 @@ def solve(
     sol = res
     sol.z = layout.unpack(z_out)
     if runner is not None:
-        runner.solution = sol
+        runner.solution, runner.rule = sol, rule
     return sol
 
 

@@ -126,3 +126,14 @@ def test_bad_criteria_are_clear_errors():
         fpsolve.solve(halve, torch.zeros(2, 1), X.float(), rtol=1e-6, criterion=fpsolve.Residual(rtol=1e-3))
     with pytest.raises(ValueError, match="readout"):
         fpsolve.solve(halve, torch.zeros(2, 1), X.float(), criterion=fpsolve.Stable(lambda z: z[:1]))
+
+
+def test_implicit_backward_warns_for_a_halted_sample_that_is_not_at_a_fixed_point():
+    x = torch.tensor([[0.4], [0.45]], dtype=torch.float64, requires_grad=True)
+    sol = fpsolve.solve(halve, torch.zeros(2, 1, dtype=torch.float64), x, solver="fixed_point",
+                        criterion=fpsolve.Stable(two_class, patience=2))
+    assert sol.status.tolist() == [Status.HALTED, Status.HALTED]
+    with pytest.warns(fpsolve.ConvergenceWarning, match="not at one"):
+        sol.z.sum().backward()
+    # the implicit gradient is that of the fixed point z* = 2x, although z is not there
+    torch.testing.assert_close(x.grad, torch.full((2, 1), 2.0, dtype=torch.float64), rtol=1e-3, atol=0)
