@@ -62,7 +62,7 @@ def as_tolerances(atol: Any, rtol: Any, names: "tuple[str, str]" = ("atol", "rto
 
 def as_bool(name: str, value: Any) -> bool:
     """`value` as a bool: True/False (or numpy's bool_), never a string such as "yes"."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
     raise TypeError(f"{name} must be True or False; got {value!r} ({_kind(value)}).")
 
