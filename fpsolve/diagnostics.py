@@ -150,7 +150,9 @@ class Report:
     `flags[i]` is the set of `Flag`s of sample i (empty: a healthy, unique, attracting fixed
     point). `period` is the cycle length of plain iteration of f (0: it settles, or no cycle
     up to `max_period` was found). `spectral_radius` estimates the spectral radius of ∂f/∂z
-    at the returned point. The other fields are the evidence the flags were decided on.
+    at the returned point. The other fields are the evidence the flags were decided on;
+    `sample_notes[i]` says what sample i's flags alone do not (e.g. how many more iterations a
+    BUDGET_TOO_SMALL sample needed).
     """
 
     flags: List[FrozenSet[Flag]]
@@ -741,7 +743,7 @@ def _budget_notes(unjudged: Tensor, iterations: Tensor, rate: Tensor, residual: 
             notes.append(f"budget too small to judge: {it} iterations give no rate (4 or more are needed)")
         else:
             extra = f"; about {math.ceil(more)} more would meet the tolerance" if math.isfinite(more) and more > 0 else ""
-            notes.append(f"budget too small: the residual still fell by {q:.2g} per iteration{extra}")
+            notes.append(f"budget too small: the residual still fell quickly, ×{q:.2g} per iteration{extra}")
     return notes
 
 

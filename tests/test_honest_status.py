@@ -131,7 +131,7 @@ def test_budget_note_counts_the_iterations_still_needed():
     assert all(s == {Flag.BUDGET_TOO_SMALL} for s in report.flags), names(report)
     more = int(re.search(r"about (\d+) more", report.sample_notes[0]).group(1))
     assert 15 <= more <= 19                   # log2(|r_10| / tol) with tol ~ 2e-8, r_10 ~ 1e-3
-    assert "0.5 per iteration" in report.sample_notes[0]
+    assert "×0.5 per iteration" in report.sample_notes[0]
 
 
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
