@@ -785,11 +785,8 @@ def _modules_of(f: Any, depth: int = 3) -> List[nn.Module]:
             for name in o.__code__.co_names:
                 if name in o.__globals__:
                     visit(o.__globals__[name], d - 1)
-        elif isinstance(o, (list, tuple, set)):
-            for v in o:
-                visit(v, d - 1)
-        elif isinstance(o, dict):
-            for v in o.values():
+        elif isinstance(o, (list, tuple, set, dict)) and len(o) <= 256:   # (not a data set)
+            for v in (o.values() if isinstance(o, dict) else o):
                 visit(v, d - 1)
         elif hasattr(o, "__dict__"):
             for v in vars(o).values():
