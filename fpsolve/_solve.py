@@ -155,57 +155,17 @@ def solve(
     return sol
 
 
-#: Rebuild the adjoint's graph of f on the active rows once they are at most this fraction of
-#: the rows of the graph in use (a rebuild costs one evaluation of f on the active rows).
-REBUILD_FRACTION = 0.75
-
-
-class _RowProducts:
-    """u -> u ∂f/∂z for the adjoint's active rows, through the smallest graph of f that works.
-
-    Once per-sample halting has dropped rows, the graph is rebuilt on the active rows
-    (`vjp.on_rows`), so halted rows cost nothing. If f fails on a subset of rows (e.g. it
-    closes over per-batch tensors), the whole-batch graph is kept: the active rows are
-    scattered into it and gathered back (same values, more work).
-    """
-
-    def __init__(self, vjp: Callable[[Tensor], Tensor], batch: int) -> None:
-        self.on_rows = getattr(vjp, "on_rows", None)
-        self.batch = batch
-        self.vjp, self.size, self.lookup = vjp, batch, None   # graph in use; lookup: row -> position
-        self.rows: Any = None                                  # the rows seen last, and where they sit
-        self.pos: Any = None
-
-    def __call__(self, u: Tensor, rows: Tensor) -> Tensor:
-        b = u.shape[0]
-        if rows is not self.rows:     # the loop hands a new index tensor when rows drop
-            self.rows = rows
-            if b < self.size and self.on_rows is not None and b <= REBUILD_FRACTION * self.size:
-                sub = self.on_rows(rows)
-                if sub is not None:
-                    self.vjp, self.size = sub, b
-                    self.lookup = torch.full((self.batch,), -1, dtype=torch.int64, device=rows.device)
-                    self.lookup[rows] = torch.arange(b, device=rows.device)
-            if b == self.size:
-                self.pos = None
-            else:
-                self.pos = rows if self.lookup is None else self.lookup.index_select(0, rows)
-        if self.pos is None:
-            return self.vjp(u)
-        v = u.new_zeros((self.size,) + tuple(u.shape[1:])).index_copy_(0, self.pos, u)
-        return self.vjp(v).index_select(0, self.pos)
-
-
 def _solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, solver: Solver,
                    options: Dict[str, Any]) -> Tuple[Tensor, Solution]:
     """Solve u = u ∂f/∂z + grad per sample with the forward loop; u starts at grad.
 
-    Products are taken on the active rows only once rows halt (see `_RowProducts`).
+    Products are taken on the active rows only once rows halt (see `RowProducts`).
     """
     if options["atol"] == 0.0 and options["rtol"] == 0.0:
         raise ValueError("the implicit adjoint's atol and rtol are both 0 (Implicit's own, or taken "
                          "from the forward solve): set Implicit(rtol=...) or Implicit(atol=...).")
-    products = _RowProducts(vjp, grad.shape[0])
+    from ._backward import RowProducts   # (beside the runner whose products it takes)
+    products = RowProducts(vjp, grad.shape[0])
 
     def h(u: Tensor, xa: Tuple[Tensor, Tensor]) -> Tensor:
         g_rows, rows = xa

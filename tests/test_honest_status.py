@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fpsolve
-import fpsolve._solve as solve_module
+import fpsolve._backward as backward_module
 from fpsolve import Flag, diagnose
 from fpsolve._backward import check_transforms
 from fpsolve._checks import as_float, as_int, usable_start
@@ -335,7 +335,7 @@ def test_adjoint_products_shrink_with_the_active_rows_and_gradients_are_identica
     assert sol.adjoint.converged.all() and len(set(sol.adjoint.iterations.tolist())) > 3
     # graphs were rebuilt on fewer and fewer rows (one evaluation of f each)
     assert backward_rows and all(b <= 0.75 * a for a, b in zip([24] + backward_rows, backward_rows))
-    monkeypatch.setattr(solve_module, "REBUILD_FRACTION", 0.0)        # always the whole batch
+    monkeypatch.setattr(backward_module, "REBUILD_FRACTION", 0.0)        # always the whole batch
     whole, rows_whole, _ = _implicit_grads(Counted(W), W, x, weights)
     assert rows_whole == []
     for a, b in zip(fast, whole):
@@ -373,7 +373,7 @@ def test_adjoint_falls_back_to_the_whole_batch_when_f_fails_on_a_subset(monkeypa
                         backward=fpsolve.Implicit(rtol=1e-11, max_iter=1000))
     strict["on"] = True
     got = torch.autograd.grad((sol.z * weights).sum(), (x, W))
-    monkeypatch.setattr(solve_module, "REBUILD_FRACTION", 0.0)
+    monkeypatch.setattr(backward_module, "REBUILD_FRACTION", 0.0)
     want, _, _ = _implicit_grads(Counted(W), W, x, weights)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
