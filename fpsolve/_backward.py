@@ -13,7 +13,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .solvers._base import Solver, check_positive
+from ._checks import as_float, as_int, as_tolerances
+from ._tree import select_rows
+from .solvers._base import Solver
 
 
 class ConvergenceWarning(UserWarning):
@@ -36,12 +38,18 @@ class Implicit:
     max_iter: Optional[int] = None
 
     def __post_init__(self) -> None:
+        # Validated when made (not at the first backward); numbers are stored as plain ones.
         if self.max_iter is not None:
-            check_positive("Implicit(max_iter=...)", self.max_iter, integer=True)
+            object.__setattr__(self, "max_iter", as_int("Implicit(max_iter=...)", self.max_iter))
         for name in ("rtol", "atol"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"Implicit({name}=...) must be a number >= 0; got {v!r}.")
+            if v is not None:
+                object.__setattr__(self, name, as_float(f"Implicit({name}=...)", v))
+        if self.atol is not None and self.rtol is not None:
+            as_tolerances(self.atol, self.rtol, ("Implicit(atol=...)", "Implicit(rtol=...)"))
+        if self.solver is not None:
+            from ._solve import make_solver   # (deferred: _solve imports this module)
+            make_solver(self.solver)
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,8 @@ class Phantom:
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        check_positive("Phantom(steps=...)", self.steps, integer=True)
-        check_positive("Phantom(damping=...)", self.damping, at_most=1.0)
+        object.__setattr__(self, "steps", as_int("Phantom(steps=...)", self.steps))
+        object.__setattr__(self, "damping", as_float("Phantom(damping=...)", self.damping, strict=True, at_most=1.0))
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class Unroll:
 
     def __post_init__(self) -> None:
         if self.steps is not None:
-            check_positive("Unroll(steps=...)", self.steps, integer=True)
+            object.__setattr__(self, "steps", as_int("Unroll(steps=...)", self.steps))
 
 
 Backward = Union[Implicit, Phantom, Unroll]
@@ -108,11 +116,32 @@ def phantom_steps(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, steps:
     return z
 
 
-class _AdjointRunner:
-    """Holds f(z*, x) with its graph and solves the adjoint when backward asks."""
+def _vjp(out: Tensor, z: Tensor, v: Tensor) -> Tensor:
+    """v ∂out/∂z through a kept graph (zero when out does not depend on z)."""
+    w = torch.autograd.grad(out, z, v, retain_graph=True, allow_unused=True)[0]
+    return torch.zeros_like(v) if w is None else w
 
-    def __init__(self, out: Tensor, zs: Tensor, solve_adjoint: Callable[..., Any]) -> None:
-        self.out, self.zs, self.solve_adjoint = out, zs, solve_adjoint
+
+#: f on a subset of rows must give the rows of f on the batch to this many units of rounding
+#: (relative to the largest entry), or the adjoint keeps the whole-batch graph.
+ROWS_TOLERANCE = 64
+
+
+class _AdjointRunner:
+    """Holds f(z*, x) with its graph and solves the adjoint when backward asks.
+
+    `runner(v)` is v ∂f/∂z at z* over the whole batch. `on_rows(rows)` is the same product
+    for the rows `rows` alone, through a graph of f built once on z*[rows], x[rows] (so rows
+    that halted cost nothing). It is None (the caller then keeps the whole batch) when f
+    fails on those rows, returns another shape (f closed over per-batch tensors), or returns
+    other values than on the whole batch (f changes per call: nn.Dropout in train mode, a
+    spectral_norm hook's power iteration, train-mode BatchNorm).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Any], Tensor], x: Any, out: Tensor, zs: Tensor,
+                 solve_adjoint: Callable[..., Any]) -> None:
+        self.fn, self.x, self.out, self.zs, self.solve_adjoint = fn, x, out, zs, solve_adjoint
+        self.rows_fail = False       # f failed on a subset once: never try again
         self.solution: Any = None    # the forward Solution, to receive `adjoint`
         self.rule: Any = None        # the forward's residual rule (fpsolve.Residual)
 
@@ -141,9 +170,70 @@ class _AdjointRunner:
                 stacklevel=3,
             )
 
-    def vjp(self, v: Tensor) -> Tensor:
-        w = torch.autograd.grad(self.out, self.zs, v, retain_graph=True, allow_unused=True)[0]
-        return torch.zeros_like(v) if w is None else w   # f that ignores z: J = 0
+    def __call__(self, v: Tensor) -> Tensor:
+        return _vjp(self.out, self.zs, v)
+
+    vjp = __call__
+
+    def on_rows(self, rows: Tensor) -> Optional[Callable[[Tensor], Tensor]]:
+        if self.rows_fail:
+            return None
+        z = self.zs.detach().index_select(0, rows).requires_grad_()
+        try:
+            with torch.enable_grad():
+                out = self.fn(z, select_rows(self.x, rows))
+            ok = isinstance(out, Tensor) and out.shape == z.shape and out.dtype == z.dtype
+            if ok:   # the same map? (not if f changes per call: nn.Dropout, a spectral_norm hook)
+                ref = self.out.detach().index_select(0, rows)
+                tol = ROWS_TOLERANCE * torch.finfo(ref.dtype).eps * (1 + ref.abs().max())
+                ok = bool((out.detach() - ref).abs().max() <= tol)
+        except Exception:   # noqa: BLE001 - the whole-batch product is the documented fallback
+            ok = False
+        if not ok:
+            self.rows_fail = True
+            return None
+        return lambda v: _vjp(out, z, v)
+
+
+#: Rebuild the adjoint's graph of f on the active rows once they are at most this fraction of
+#: the rows of the graph in use (a rebuild costs one evaluation of f on the active rows).
+REBUILD_FRACTION = 0.75
+
+
+class RowProducts:
+    """u -> u ∂f/∂z for the adjoint's active rows, through the smallest graph of f that works.
+
+    Once per-sample halting has dropped rows, the graph is rebuilt on the active rows
+    (`vjp.on_rows`), so halted rows cost nothing. If f fails on a subset of rows (e.g. it
+    closes over per-batch tensors), the whole-batch graph is kept: the active rows are
+    scattered into it and gathered back (same values, more work).
+    """
+
+    def __init__(self, vjp: Callable[[Tensor], Tensor], batch: int) -> None:
+        self.on_rows = getattr(vjp, "on_rows", None)
+        self.batch = batch
+        self.vjp, self.size, self.lookup = vjp, batch, None   # graph in use; lookup: row -> position
+        self.rows: Any = None                                  # the rows seen last, and where they sit
+        self.pos: Any = None
+
+    def __call__(self, u: Tensor, rows: Tensor) -> Tensor:
+        b = u.shape[0]
+        if rows is not self.rows:     # the loop hands a new index tensor when rows drop
+            self.rows = rows
+            if b < self.size and self.on_rows is not None and b <= REBUILD_FRACTION * self.size:
+                sub = self.on_rows(rows)
+                if sub is not None:
+                    self.vjp, self.size = sub, b
+                    self.lookup = torch.full((self.batch,), -1, dtype=torch.int64, device=rows.device)
+                    self.lookup[rows] = torch.arange(b, device=rows.device)
+            if b == self.size:
+                self.pos = None
+            else:
+                self.pos = rows if self.lookup is None else self.lookup.index_select(0, rows)
+        if self.pos is None:
+            return self.vjp(u)
+        v = u.new_zeros((self.size,) + tuple(u.shape[1:])).index_copy_(0, self.pos, u)
+        return self.vjp(v).index_select(0, self.pos)
 
 
 class _ImplicitFunction(torch.autograd.Function):
@@ -164,7 +254,7 @@ class _ImplicitFunction(torch.autograd.Function):
             )
         runner: _AdjointRunner = ctx.runner
         runner.warn_if_not_fixed_points()
-        u, adjoint = runner.solve_adjoint(runner.vjp, grad)
+        u, adjoint = runner.solve_adjoint(runner, grad)
         if runner.solution is not None:
             runner.solution.adjoint = adjoint
         bad = ~adjoint.converged
@@ -182,9 +272,39 @@ class _ImplicitFunction(torch.autograd.Function):
 
 def implicit_attach(fn: Callable[[Tensor, Any], Tensor], z_star: Tensor, x: Any,
                     solve_adjoint: Callable[..., Any]) -> "tuple[Tensor, _AdjointRunner]":
-    """z* carrying the implicit gradient; `solve_adjoint(vjp, g) -> (u, adjoint Solution)`."""
+    """z* carrying the implicit gradient; `solve_adjoint(vjp, g) -> (u, adjoint Solution)`,
+    where `vjp` is an `_AdjointRunner` (callable, with `on_rows`)."""
+    check_transforms("implicit")
     zs = z_star.detach().requires_grad_()
     with torch.enable_grad():
         out = fn(zs, x)
-    runner = _AdjointRunner(out, zs, solve_adjoint)
+    runner = _AdjointRunner(fn, x, out, zs, solve_adjoint)
     return _ImplicitFunction.apply(out, z_star.detach(), runner), runner
+
+
+def check_transforms(backward: Any) -> None:
+    """A clear error for torch.func transforms that fpsolve cannot run under (call it first).
+
+    vmap: solve is batched over dimension 0 already and decides halting on the host, so it
+    cannot be vmapped. torch.func.grad & co. through Implicit: its adjoint runs torch.autograd
+    on a kept graph, which functorch forbids. Both errors say what to use instead.
+    """
+    if not torch._C._are_functorch_transforms_active():
+        return
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if TransformType.Vmap in kinds:
+        raise RuntimeError(
+            "torch.func.vmap over fpsolve.solve is not supported: solve is already batched "
+            "over dimension 0, with per-sample halting and status. Stack the problems along "
+            "dimension 0 and make one call (x of shape [B, ...], z0 of shape [B, ...]) instead."
+        )
+    if isinstance(backward, Implicit) or backward == "implicit":
+        raise RuntimeError(
+            "torch.func.grad (or vjp/jacrev) through backward='implicit' is not supported: the "
+            "implicit adjoint runs torch.autograd on a kept graph. Use torch.autograd.grad or "
+            "loss.backward() (ordinary autograd gives the implicit gradient), or, inside "
+            "torch.func transforms, backward='unroll' or fpsolve.Phantom(...)."
+        )

@@ -9,24 +9,15 @@ can drop halted rows (`index_select`) and the stream can restart a refilled row 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._checks import as_float, as_int, as_tolerances
+
 CriterionState = Tuple[Tensor, ...]
-
-
-def _number(name: str, value: Any, *, positive: bool = False) -> float:
-    """A finite real number >= 0 (> 0 when positive); numpy scalars are accepted."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}.")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0; got {value!r}.")
-    return v
 
 
 @dataclass(frozen=True)
@@ -38,10 +29,9 @@ class Residual:
     norm: str = "l2"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "atol", _number("Residual(atol=...)", self.atol))
-        object.__setattr__(self, "rtol", _number("Residual(rtol=...)", self.rtol))
-        if self.atol == 0.0 and self.rtol == 0.0:
-            raise ValueError("Residual: atol and rtol are both 0, so no sample could ever halt; set rtol or atol.")
+        a, r = as_tolerances(self.atol, self.rtol, ("Residual(atol=...)", "Residual(rtol=...)"))
+        object.__setattr__(self, "atol", a)
+        object.__setattr__(self, "rtol", r)
         if self.norm not in ("l2", "inf"):
             raise ValueError(f"Residual(norm={self.norm!r}) is not known; use 'l2' or 'inf'.")
 
@@ -70,10 +60,7 @@ class Stable:
 
     def __post_init__(self) -> None:
         _check_readout("Stable", self.readout)
-        p = self.patience
-        if isinstance(p, bool) or not isinstance(p, int) and not hasattr(p, "__index__") or int(p) < 1:
-            raise ValueError(f"Stable(patience=...) must be an integer >= 1; got {p!r}.")
-        object.__setattr__(self, "patience", int(p))
+        object.__setattr__(self, "patience", as_int("Stable(patience=...)", self.patience))
 
     def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:
         seen = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -104,7 +91,7 @@ class OutputKL:
 
     def __post_init__(self) -> None:
         _check_readout("OutputKL", self.readout)
-        object.__setattr__(self, "tol", _number("OutputKL(tol=...)", self.tol))
+        object.__setattr__(self, "tol", as_float("OutputKL(tol=...)", self.tol))
 
     def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:
         return (torch.zeros(batch, dtype=torch.bool, device=device), None)  # type: ignore[return-value]
@@ -134,9 +121,7 @@ class HaltHead:
     def __post_init__(self) -> None:
         if not callable(self.head):
             raise TypeError(f"HaltHead(head=...) must be callable as head(z) -> logits [B]; got {self.head!r}.")
-        t = _number("HaltHead(threshold=...)", self.threshold)
-        if not 0.0 < t < 1.0:
-            raise ValueError(f"HaltHead(threshold=...) must lie in (0, 1); got {self.threshold!r}.")
+        t = as_float("HaltHead(threshold=...)", self.threshold, strict=True, at_most=1.0)
         object.__setattr__(self, "threshold", t)
 
     def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:

@@ -7,32 +7,62 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._backward import make_backward
+from ._backward import check_transforms, make_backward
+from ._checks import as_bool, as_int, as_tolerances, usable_start
 from ._solution import Solution
 from ._solve import HALTINGS, NORMS, _check_choice, make_solver, solve
 from ._tree import StateLayout
 from .blocks import SharedDropout
 
 
-def jacobian_penalty(f: Callable[..., Any], z: Tensor, x: Any = None, samples: int = 1) -> Tensor:
+def jacobian_penalty(f: Callable[..., Any], z: Any, x: Any = None, samples: int = 1) -> Tensor:
     """Hutchinson estimate of ||∂f/∂z||_F² per sample at z, differentiable (for the loss).
 
     E_v ||vᵀ J||² with v ~ N(0, I) equals ||J||_F²; `samples` probes are averaged. Penalising
     it keeps the block contractive during training (Bai et al., "Stabilizing Equilibrium
-    Models by Jacobian Regularization", ICML 2021). z: the solution (a tensor [B, ...]).
+    Models by Jacobian Regularization", ICML 2021). z: the solution, a tensor [B, ...] or a
+    tuple/list of such (then J is the Jacobian of the whole state, every part included).
     """
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1; got {samples!r}.")
-    zs = z.detach().requires_grad_()
+    samples = as_int("samples", samples)
+    state = StateLayout(z)
+    zs = tuple(t.detach().requires_grad_() for t in state.leaves)
+    arg = zs[0] if state.container is None else state.container(zs)
     with torch.enable_grad():
-        out = f(zs, x) if x is not None else f(zs)
-        total = zs.new_zeros(zs.shape[0])
-        dims = tuple(range(1, zs.ndim))
+        out = f(arg, x) if x is not None else f(arg)
+        state.check_output(out)
+        outs = (out,) if state.container is None else tuple(out)
+        total = zs[0].new_zeros(state.batch)
         for _ in range(samples):
-            v = torch.randn_like(out)
-            (vjp,) = torch.autograd.grad(out, zs, v, create_graph=True, retain_graph=True)
-            total = total + vjp.pow(2).sum(dim=dims)
+            probes = tuple(torch.randn_like(o) for o in outs)
+            grads = torch.autograd.grad(outs, zs, probes, create_graph=True, retain_graph=True,
+                                        allow_unused=True)
+            for g in grads:
+                if g is not None:
+                    total = total + g.pow(2).reshape(g.shape[0], -1).sum(dim=1)
     return total / samples
+
+
+_SHAPE_WORDS = ("shape", "size", "dimension", "channels", "broadcast", "expand")
+
+
+def _is_shape_error(err: BaseException) -> bool:
+    """The block returned another shape (fpsolve's output check), or rejected the state's
+    shape itself: a RuntimeError from a matmul, view, norm or broadcast that did not fit."""
+    if isinstance(err, ValueError):
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and tb.tb_frame.f_code.co_name == "check_output"
+    if type(err) is RuntimeError:
+        text = str(err).lower()
+        return any(w in text for w in _SHAPE_WORDS)
+    return False
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    """Context for the user's own exception, keeping its type (notes need Python >= 3.11)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
 
 
 class DEQ(nn.Module):
@@ -61,17 +91,21 @@ class DEQ(nn.Module):
         if not callable(block):
             raise TypeError(f"block must be an nn.Module or a function f(z, x); got {type(block).__name__}.")
         self.block = block
-        make_solver(solver)           # validate now, not at the first forward
+        # Every option is validated now, not at the first forward (numbers stored as plain ones).
+        make_solver(solver)
         make_backward(backward)
         _check_choice("halting", halting, HALTINGS)
         _check_choice("norm", norm, NORMS)
-        if isinstance(jacobian_penalty, bool) or not isinstance(jacobian_penalty, int) or jacobian_penalty < 0:
-            raise ValueError(f"jacobian_penalty must be an integer >= 0 (probes); got {jacobian_penalty!r}.")
+        atol, rtol = as_tolerances(atol, rtol)
+        max_iter = as_int("max_iter", max_iter)
+        record = as_bool("record", record)
+        jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
         self.options = dict(solver=solver, backward=backward, atol=atol, rtol=rtol,
                             max_iter=max_iter, halting=halting, norm=norm, record=record)
         self.jacobian_penalty = jacobian_penalty
 
     def forward(self, x: Any, z0: Any = None) -> Tuple[Any, Solution]:
+        check_transforms(make_backward(self.options["backward"]))
         for m in self.modules():          # SharedDropout: one mask per forward, every pass
             if isinstance(m, SharedDropout):
                 m.reset()
@@ -83,25 +117,28 @@ class DEQ(nn.Module):
                     f"pass z0 (e.g. layer(x, z0=torch.zeros(B, width)))."
                 )
             z0 = torch.zeros_like(x)
+        elif torch.is_grad_enabled():
+            z0 = usable_start(z0)     # a warm start made under inference_mode
         try:
             # Parametrizations (spectral_norm, ...) are computed once per forward, so f is the
             # same map at every pass (and cheaper); the graph still reaches the originals.
             with parametrize.cached():
                 sol = solve(self.block, z0, x, **self.options)
         except Exception as err:
-            # With z0 inferred, a block that fails on its first call (or returns another shape)
-            # with zeros shaped like x almost always means the state has another width.
-            if inferred and getattr(err, "_fpsolve_at_start", False):
+            # With z0 inferred, a block that rejects the state's shape on its first call (or
+            # returns another shape) almost always means the state has another width than x.
+            # Any other exception (a KeyError in the block, ...) reaches the caller as it is.
+            if inferred and getattr(err, "_fpsolve_at_start", False) and _is_shape_error(err):
                 raise ValueError(
                     f"DEQ: z0 defaulted to zeros shaped like x {tuple(x.shape)}, and the block "
-                    f"failed on it or returned another shape; pass z0 shaped like the state "
-                    f"(layer(x, z0=...)). The block said: {err}"
+                    f"rejected that shape or returned another one; pass z0 shaped like the "
+                    f"state (layer(x, z0=...)). The block said: {err}"
                 ) from err
+            if inferred and getattr(err, "_fpsolve_at_start", False):
+                _add_note(err, f"fpsolve.DEQ: raised by the block's first call, with z0 = zeros "
+                               f"shaped like x {tuple(x.shape)}.")
             raise
         if self.jacobian_penalty and torch.is_grad_enabled():
-            state = StateLayout(sol.z)
-            if state.container is not None:
-                raise ValueError("DEQ(jacobian_penalty=...) supports a single-tensor state.")
             sol.jacobian_penalty = jacobian_penalty(self.block, sol.z, x, self.jacobian_penalty)
         return sol.z, sol
 

@@ -1,14 +1,14 @@
 """`fpsolve.solve`: validate every argument, build the solver, run the loop, return a Solution."""
 from __future__ import annotations
 
-import math
-import operator
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._backward import Implicit, Phantom, Unroll, implicit_attach, make_backward, phantom_steps, with_value
+from ._backward import (Implicit, Phantom, Unroll, check_transforms, implicit_attach, make_backward,
+                        phantom_steps, with_value)
+from ._checks import as_bool, as_int, as_tolerances, usable_start
 from ._criteria import Residual, make_criterion
 from ._loop import Halt, iterate
 from ._solution import Solution, Status
@@ -52,25 +52,12 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not known; use one of {list(choices)}.")
 
 
-def _check_tolerance(name: str, value: Any) -> float:
-    """A finite number >= 0 (numpy scalars and 0-dim tensors are the numbers they hold)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}.")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
-    return v
-
-
 def check_max_iter(value: Any, name: str = "max_iter") -> int:
     """An integer >= 1 (numpy integers accepted; bools and floats are not)."""
     try:
-        v = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
-    return v
+        return as_int(name, value)
+    except TypeError as err:   # (solve has always answered a wrong max_iter with ValueError)
+        raise ValueError(str(err)) from None
 
 
 def solve(
@@ -104,18 +91,16 @@ def solve(
     """
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, x) (or f(z) when x is None); got {type(f).__name__}.")
+    check_transforms(backward)
+    z0 = usable_start(z0)
     layout = StateLayout(z0)
     check_x(x, layout.batch)
-    atol = _check_tolerance("atol", atol)
-    rtol = _check_tolerance("rtol", rtol)
-    if atol == 0.0 and rtol == 0.0:
-        raise ValueError("atol and rtol are both 0: no sample could ever halt; set rtol (e.g. 1e-4) or atol.")
+    atol, rtol = as_tolerances(atol, rtol)
     max_iter = check_max_iter(max_iter)
     solver_obj = make_solver(solver)
     _check_choice("halting", halting, HALTINGS)
     _check_choice("norm", norm, NORMS)
-    if not isinstance(record, bool):
-        raise TypeError(f"record must be True or False; got {record!r}.")
+    record = as_bool("record", record)
     rule, other = make_criterion(criterion, atol, rtol, norm)
     check_every = DEFAULT_CHECK_EVERY if check_every is None else check_max_iter(check_every, "check_every")
     bw = make_backward(backward)
@@ -123,10 +108,6 @@ def solve(
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
 
-    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in layout.leaves):
-        # (a warm start saved under inference_mode cannot enter a graph: use a normal copy)
-        z0 = layout.container(t.clone() for t in z0) if layout.container is not None else z0.clone()
-        layout = StateLayout(z0)
     z_start = layout.pack(z0)
     if z_start.requires_grad:
         z_start = z_start.detach()
@@ -218,20 +199,20 @@ def _stepped(fn: Callable[[Tensor, Any], Tensor], res: Solution, x: Any, steps: 
 
 def _solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, solver: Solver,
                    options: Dict[str, Any]) -> Tuple[Tensor, Solution]:
-    """Solve u = vjp(u) + grad per sample with the forward loop; u starts at grad."""
-    B = grad.shape[0]
+    """Solve u = u ∂f/∂z + grad per sample with the forward loop; u starts at grad.
+
+    Products are taken on the active rows only once rows halt (see `RowProducts`).
+    """
+    from ._backward import RowProducts   # (beside the runner whose products it takes)
+    products = RowProducts(vjp, grad.shape[0])
 
     def h(u: Tensor, xa: Tuple[Tensor, Tensor]) -> Tensor:
         g_rows, rows = xa
-        if u.shape[0] == B:
-            return vjp(u) + g_rows
-        # Per-sample halting shrank the batch: the graph of f(z*, x) is over all rows.
-        v = u.new_zeros((B,) + tuple(u.shape[1:])).index_copy_(0, rows, u)
-        return vjp(v).index_select(0, rows) + g_rows
+        return products(u, rows) + g_rows
 
     grad = grad.detach()
     with torch.no_grad():
-        xa = (grad, torch.arange(B, device=grad.device))
+        xa = (grad, torch.arange(grad.shape[0], device=grad.device))
         adjoint = iterate(h, grad, xa, h(grad, xa), solver, **options)
     return adjoint.z, adjoint
 

@@ -24,7 +24,8 @@ from torch import Tensor
 from ._criteria import make_criterion
 from ._loop import DIVERGENCE_FACTOR, Halt
 from ._solution import Solution, Status
-from ._solve import _check_choice, _check_tolerance, check_max_iter, make_solver, NORMS
+from ._checks import as_tolerances
+from ._solve import NORMS, _check_choice, check_max_iter, make_solver
 from ._tree import StateLayout, select_rows, tensors_in
 
 #: check_every when the caller leaves it to fpsolve (see docs/streaming.md for the trade-off)
@@ -198,9 +199,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
         raise TypeError(f"f must be callable as f(z, x); got {type(f).__name__}.")
     slots = check_max_iter(slots, "slots")
     check_every = DEFAULT_CHECK_EVERY if check_every is None else check_max_iter(check_every, "check_every")
-    atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
-    if atol == 0.0 and rtol == 0.0:
-        raise ValueError("atol and rtol are both 0: no sample could ever halt; set rtol (e.g. 1e-4) or atol.")
+    atol, rtol = as_tolerances(atol, rtol)
     max_iter = check_max_iter(max_iter)
     _check_choice("norm", norm, NORMS)
     rule, other = make_criterion(criterion, atol, rtol, norm)

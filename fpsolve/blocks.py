@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import as_float, as_int
+
 
 class LoopedTransformerBlock(nn.Module):
     """z -> Norm(u + a·MLP(LN(u))),  u = z + x + a·Attn(LN(z + x)): one pass of a looped model.
@@ -38,11 +40,18 @@ class LoopedTransformerBlock(nn.Module):
         attn_mask: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
+        dim, heads = as_int("dim", dim), as_int("heads", heads)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
-        if residual_scale <= 0:
-            raise ValueError(f"residual_scale must be > 0; got {residual_scale!r}.")
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        residual_scale = as_float("residual_scale", residual_scale, strict=True)
+        mlp_ratio = as_float("mlp_ratio", mlp_ratio, strict=True)
+        dropout = as_float("dropout", dropout)
+        if dropout >= 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+        # (nn.MultiheadAttention's own dropout would draw a new mask at every pass.)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.drop_attn = SharedDropout(dropout)
+        self.drop_mlp = SharedDropout(dropout)
         hidden = int(round(mlp_ratio * dim))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.ln_attn = nn.LayerNorm(dim) if prenorm else nn.Identity()
@@ -61,8 +70,8 @@ class LoopedTransformerBlock(nn.Module):
         mask = self.attn_mask if attn_mask is None else attn_mask
         u = z + x
         h = self.ln_attn(u)
-        u = u + a * self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        u = u + a * self.mlp(self.ln_mlp(u))
+        u = u + a * self.drop_attn(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0])
+        u = u + a * self.drop_mlp(self.mlp(self.ln_mlp(u)))
         return self.ln_state(u)
 
 
@@ -78,7 +87,8 @@ class SharedDropout(nn.Module):
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
+        p = as_float("p", p)
+        if p >= 1.0:
             raise ValueError(f"p must be in [0, 1); got {p!r}.")
         self.p = p
         self.mask: Optional[Tensor] = None

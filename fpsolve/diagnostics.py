@@ -17,13 +17,14 @@ Every step is batched over samples; a sample's flags depend on that sample alone
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _spectral
 from ._solution import Solution, Status
@@ -46,6 +47,17 @@ PERTURBATION = 1e-2
 CYCLE_CLOSURE = 1e-3
 #: States wider than this are stored as a random sign sketch of this width for cycle detection.
 SKETCH_WIDTH = 1024
+#: Divergence, as the solve's loop defines it: a residual above this multiple of the sample's
+#: starting scale max(||f(z0) - z0|| + ||f(z0)||, sqrt(n)) (1 for the 'inf' norm), or non-finite.
+DIVERGENCE_FACTOR = 1e6
+#: Plain iteration whose residual falls by less than this fraction per step does not settle.
+FLAT_RATE = 1e-3
+#: A residual falling at most this much per iteration contracts quickly: a sample that still
+#: ran out of budget needed more iterations, not a better map.
+QUICK_RATE = 0.5
+#: A restart's fixed point attracts when plain iteration from it, moved by this fraction of the
+#: sample's scale, comes back (a repelling root reached exactly is not a second attractor).
+NUDGE = 1e-3
 
 
 class Flag(enum.Enum):
@@ -60,6 +72,7 @@ class Flag(enum.Enum):
     SLOW_CONTRACTION = "slow_contraction"
     PATH_DEPENDENCE = "path_dependence"
     INPUT_INSENSITIVE = "input_insensitive"
+    BUDGET_TOO_SMALL = "budget_too_small"
 
     @property
     def severity(self) -> int:
@@ -122,6 +135,11 @@ _MESSAGES = {
         "collapsed onto an input-independent point; try injecting x more strongly (at every "
         "pass, at a larger scale), a weaker weight on z, or look for saturated activations."
     ),
+    Flag.BUDGET_TOO_SMALL: (
+        "the budget ran out before f could be judged: too few iterations to measure a rate, or "
+        "the residual was still falling quickly (f contracts; it needed more passes); try a "
+        "larger max_iter (the sample's note says about how many more)."
+    ),
 }
 
 
@@ -132,7 +150,9 @@ class Report:
     `flags[i]` is the set of `Flag`s of sample i (empty: a healthy, unique, attracting fixed
     point). `period` is the cycle length of plain iteration of f (0: it settles, or no cycle
     up to `max_period` was found). `spectral_radius` estimates the spectral radius of ∂f/∂z
-    at the returned point. The other fields are the evidence the flags were decided on.
+    at the returned point. The other fields are the evidence the flags were decided on;
+    `sample_notes[i]` says what sample i's flags alone do not (e.g. how many more iterations a
+    BUDGET_TOO_SMALL sample needed).
     """
 
     flags: List[FrozenSet[Flag]]
@@ -161,6 +181,8 @@ class Report:
     notes: List[str] = field(default_factory=list)
     #: the solve options used (solver, atol, rtol, max_iter, halting, norm)
     options: Dict[str, Any] = field(default_factory=dict)
+    #: per sample: what the flags alone do not say ("" when nothing), e.g. for BUDGET_TOO_SMALL
+    sample_notes: List[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> Tensor:
@@ -200,7 +222,8 @@ class Report:
         if Flag.PATH_DEPENDENCE in self.flags[i]:
             parts.append(f"restart landed {float(self.restart_distance[i]):.3g} away")
         head = ", ".join(names) if names else "healthy"
-        return f"sample {i}: {head}; " + ", ".join(parts)
+        note = self.sample_notes[i] if i < len(self.sample_notes) else ""
+        return f"sample {i}: {head}; " + ", ".join(parts) + (f" ({note})" if note else "")
 
     def summary(self, max_lines: int = 20) -> str:
         """The readable per-sample account that `str(report)` prints, worst first."""
@@ -226,8 +249,8 @@ class Report:
         healthy = [i for i in range(B) if not self.flags[i]]
         if healthy:
             shown = ", ".join(str(i) for i in healthy[:30]) + (", ..." if len(healthy) > 30 else "")
-            lines.append(f"healthy (unique, attracting fixed point): {shown}")
-        lines.extend(f"note: {n}" for n in self.notes)
+            lines.append(f"healthy samples (unique, attracting fixed point), by index: [{shown}]")
+        lines.extend(f"note: {n}" for n in dict.fromkeys(self.notes))   # (each note once)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -255,6 +278,13 @@ _SOLVE_DEFAULTS = {
 def _norm(t: Tensor, norm: str) -> Tensor:
     """Per-row norm of a [R, n] tensor ('l2' or 'inf', as the solve measures)."""
     return torch.linalg.vector_norm(t, dim=1) if norm == "l2" else t.abs().amax(dim=1)
+
+
+def _start_scale(r0: Tensor, f0: Tensor, n: int, norm: str) -> Tensor:
+    """max(||f(z0) - z0|| + ||f(z0)||, floor): growth is judged against it (floor: the norm
+    of a state of ones, sqrt(n) or 1), so a start near zero does not make ordinary motion of
+    a bounded map look like a blow-up."""
+    return (r0 + f0).clamp_min(math.sqrt(n) if norm == "l2" else 1.0)
 
 
 def _window_rates(trace: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
@@ -347,7 +377,7 @@ def _plain_run(fn: Callable[[Tensor, Any], Tensor], z0: Tensor, x: Any, steps: i
         r, fnorm = _norm(g, norm), _norm(fz, norm)
         trace[t].index_copy_(0, idx, r)
         if limit is None:
-            limit = (r + fnorm) * 1e6
+            limit = _start_scale(r, fnorm, n, norm) * DIVERGENCE_FACTOR
         done = r <= atol + rtol * fnorm
         bad = ~(r <= limit) | ~torch.isfinite(fnorm)
         if not per_sample:   # f sees the whole batch: freeze what went bad, keep the rest going
@@ -488,7 +518,7 @@ def diagnose(
     atol, rtol, max_iter = float(opts["atol"]), float(opts["rtol"]), int(opts["max_iter"])
     norm, per_sample = opts["norm"], opts["halting"] == "sample"
 
-    with torch.no_grad():
+    with torch.no_grad(), _KeepState(f):
         sol = solve(f, z0, x, **options, record=True, backward="none")
         layout = StateLayout(z0)
         return _diagnose(f, z0, x, sol, layout, restarts, check, max_period, krylov,
@@ -595,6 +625,7 @@ def _diagnose(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, layout: Sta
     restart_distance = nan.clone()
     path = torch.zeros(B, dtype=torch.bool, device=dev)
     if restarts:
+        nudge_gen = torch.Generator().manual_seed(seed + 1)   # (leaves the restarts' own draws as they were)
         scale = torch.maximum(torch.linalg.vector_norm(zf, dim=1),
                               torch.linalg.vector_norm(layout.pack(z0).reshape(B, -1), dim=1))
         scale = torch.where(scale > 0, scale, math.sqrt(n))
@@ -611,10 +642,17 @@ def _diagnose(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, layout: Sta
                 notes.append(f"restart {i} failed ({_short(err)})")
                 continue
             evaluations["restarts"] += rsol.evaluations
-            gap = _norm(layout.pack(rsol.z).reshape(B, -1) - zf, norm)
-            ok = rsol.status == int(Status.CONVERGED)
-            restart_distance = torch.where(ok, torch.fmax(restart_distance, gap), restart_distance)
-            path |= ok & (gap > threshold)
+            landed = layout.pack(rsol.z).reshape(B, -1)
+            gap = _norm(landed - zf, norm)
+            other = (rsol.status == int(Status.CONVERGED)) & (gap > threshold)
+            if bool(other.any()):   # a second attractor, or a repelling root hit exactly?
+                try:
+                    other &= _attracting(flat_fn, landed, x, NUDGE * scale, threshold, plain_iter, norm, nudge_gen)
+                    evaluations["restarts"] += B * plain_iter
+                except Exception as err:   # noqa: BLE001 - reported, never raised
+                    notes.append(f"the stability check of restart {i}'s fixed point failed ({_short(err)})")
+            restart_distance = torch.where(other, torch.fmax(restart_distance, gap), restart_distance)
+            path |= other
 
     # --- the user's check ------------------------------------------------------------------
     inconsistent = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -636,26 +674,40 @@ def _diagnose(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, layout: Sta
         first_r = last_r = residual
     marginal = radius >= 1 - MARGIN
     slow_radius = (radius >= SLOW_RADIUS) & ~marginal
+    floor = math.sqrt(n) if norm == "l2" else 1.0
 
     false_halt = converged & (distance > FALSE_HALT_FACTOR * tolerance)
-    grew_trace = ~converged & ~(last_r < 1e3 * first_r)    # (a non-finite last residual counts)
+    # Growth without bound, judged against the start's scale with a floor (see _start_scale):
+    # a bounded map started near zero moves a lot relative to its tiny first residual.
+    grew_trace = ~converged & ~(last_r < 1e3 * first_r.clamp_min(floor))   # (a non-finite one counts)
     divergence = diverged | (~converged & (plain.diverged | (plain.grew & marginal) | grew_trace))
-    circling = ~plain.settled & ~plain.diverged & ~plain.grew & ~(plain_fall < 0.5) & marginal
+    # Circling: plain iteration neither settles, diverges nor grows, and its residual does not
+    # fall near a marginal radius, or never fell at all (an isometry: its flat residual wins
+    # over a low Krylov estimate of the radius, which a few Arnoldi steps can give).
+    moving = ~plain.settled & ~plain.diverged & ~plain.grew
+    circling = moving & ((~(plain_fall < 0.5) & marginal) | _never_fell(plain.trace, plain.lengths))
     oscillation = (plain.period >= 2) | circling
     unstable = converged & marginal & ~false_halt
     still = at_max & ~divergence & ~oscillation
     falling = fall < 0.5
-    late = converged & ~marginal & (sol.iterations >= max(2.0, BUDGET_FRACTION * max_iter))
-    slow = (still & (falling | slow_radius)) | late
-    stagnation = still & ~slow
+    # A budget too small to judge: under 4 iterations (no rate), or spent while the residual
+    # still fell quickly; neither is f's fault.
+    quick = (contraction <= QUICK_RATE) & ~slow_radius & ~marginal
+    unjudged = still & (torch.isnan(fall) | (falling & quick))
+    late = converged & ~marginal & ~oscillation & ~quick & ~torch.isnan(contraction) & (
+        sol.iterations >= max(2.0, BUDGET_FRACTION * max_iter))
+    slow = (still & ~unjudged & (falling | slow_radius)) | late
+    stagnation = still & ~unjudged & ~slow
     settled_ok = converged & ~false_halt
     path = path & settled_ok
     insensitive = settled_ok & (sensitivity < INSENSITIVE)
+    sample_notes = _budget_notes(unjudged, sol.iterations, contraction, residual, tolerance)
 
     table = [
         (Flag.DIVERGENCE, divergence), (Flag.FALSE_HALT, false_halt), (Flag.INCONSISTENT, inconsistent),
         (Flag.OSCILLATION, oscillation), (Flag.UNSTABLE_FIXED_POINT, unstable), (Flag.STAGNATION, stagnation),
         (Flag.SLOW_CONTRACTION, slow), (Flag.PATH_DEPENDENCE, path), (Flag.INPUT_INSENSITIVE, insensitive),
+        (Flag.BUDGET_TOO_SMALL, unjudged),
     ]
     matrix = torch.stack([m.to(torch.bool).cpu() for _, m in table], dim=1).tolist()
     flags = [frozenset(fl for (fl, _), on in zip(table, row) if on) for row in matrix]
@@ -663,8 +715,111 @@ def _diagnose(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, layout: Sta
         flags=flags, period=plain.period, spectral_radius=radius, solution=sol, eigenvalues=eigenvalues,
         tolerance=tolerance, distance=distance, contraction=contraction, sensitivity=sensitivity,
         restart_distance=restart_distance, plain_trace=plain.trace, jacobian=method,
-        evaluations=evaluations, notes=notes, options=shown,
+        evaluations=evaluations, notes=list(dict.fromkeys(notes)), options=shown, sample_notes=sample_notes,
     )
+
+
+def _never_fell(trace: Tensor, lengths: Tensor) -> Tensor:
+    """bool [B]: over a plain run of 8 steps or more, the residual fell by less than FLAT_RATE
+    per step from the first step to the last (it moves, but makes no progress at all)."""
+    if trace.shape[0] == 0:
+        return torch.zeros(trace.shape[1], dtype=torch.bool, device=trace.device)
+    L = lengths.clamp(min=1, max=trace.shape[0])
+    first, last = trace[0], trace.gather(0, (L - 1).view(1, -1)).squeeze(0)
+    per_step = (last / first).pow(1.0 / (L - 1).clamp(min=1).to(trace.dtype))
+    return (L >= 8) & (per_step >= 1 - FLAT_RATE) & (first > 0)
+
+
+def _budget_notes(unjudged: Tensor, iterations: Tensor, rate: Tensor, residual: Tensor,
+                  tolerance: Tensor) -> List[str]:
+    """Per sample, what a budget too small to judge means in numbers ("" elsewhere)."""
+    need = torch.log(tolerance / residual) / torch.log(rate)     # iterations still needed
+    rows = zip(unjudged.tolist(), iterations.tolist(), rate.tolist(), need.tolist())
+    notes = []
+    for bad, it, q, more in rows:
+        if not bad:
+            notes.append("")
+        elif math.isnan(q):
+            notes.append(f"budget too small to judge: {it} iterations give no rate (4 or more are needed)")
+        else:
+            extra = f"; about {math.ceil(more)} more would meet the tolerance" if math.isfinite(more) and more > 0 else ""
+            notes.append(f"budget too small: the residual still fell quickly, ×{q:.2g} per iteration{extra}")
+    return notes
+
+
+def _attracting(fn: Callable[[Tensor, Any], Tensor], point: Tensor, x: Any, nudge: Tensor, slack: Tensor,
+                steps: int, norm: str, gen: torch.Generator) -> Tensor:
+    """bool [B]: plain iteration from `point` moved by `nudge` (a random direction) comes back
+    to within 2 nudge + slack of it after `steps` passes (a repelling fixed point does not)."""
+    noise = _random_like(point, gen)
+    z = point + noise * (nudge / torch.linalg.vector_norm(noise, dim=1).clamp_min(1e-30)).unsqueeze(1)
+    for _ in range(steps):
+        z = fn(z, x)
+    return _norm(z - point, norm) <= 2 * nudge + slack
+
+
+def _modules_of(f: Any, depth: int = 3) -> List[nn.Module]:
+    """The nn.Modules that f can reach: f itself, a bound method's object, a partial's parts,
+    closure cells, globals that f names, and attributes of plain objects (a few levels deep)."""
+    found: List[nn.Module] = []
+    seen: set = set()
+
+    def visit(o: Any, d: int) -> None:
+        if id(o) in seen or d < 0 or isinstance(o, (Tensor, type, str, bytes, int, float)) or inspect.ismodule(o):
+            return
+        seen.add(id(o))
+        if isinstance(o, nn.Module):
+            found.append(o)
+        elif inspect.ismethod(o):
+            visit(o.__self__, d - 1)
+            visit(o.__func__, d - 1)
+        elif isinstance(o, functools.partial):
+            for v in (o.func, *o.args, *o.keywords.values()):
+                visit(v, d - 1)
+        elif inspect.isfunction(o):
+            for cell in o.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, d - 1)
+                except ValueError:   # an empty cell
+                    pass
+            for name in o.__code__.co_names:
+                if name in o.__globals__:
+                    visit(o.__globals__[name], d - 1)
+        elif isinstance(o, (list, tuple, set, dict)) and len(o) <= 256:   # (not a data set)
+            for v in (o.values() if isinstance(o, dict) else o):
+                visit(v, d - 1)
+        elif hasattr(o, "__dict__"):
+            for v in vars(o).values():
+                visit(v, d - 1)
+
+    visit(f, depth)
+    return found
+
+
+class _KeepState:
+    """Snapshot the buffers (BatchNorm running statistics, spectral_norm's vectors, ...),
+    training flags and SharedDropout masks of the modules f can reach; restore them on exit,
+    so that diagnosing a map leaves it as it was found."""
+
+    def __init__(self, f: Any) -> None:
+        self.saved = []
+        for top in _modules_of(f):
+            for m in top.modules():
+                buffers = {k: (b, b.detach().clone()) for k, b in m._buffers.items() if b is not None}
+                self.saved.append((m, m.training, buffers, m.__dict__.get("mask")))
+
+    def __enter__(self) -> "_KeepState":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for m, training, buffers, mask in self.saved:
+                m.training = training
+                for name, (buf, value) in buffers.items():
+                    m._buffers[name] = buf
+                    buf.copy_(value)
+                if "mask" in m.__dict__:
+                    m.__dict__["mask"] = mask
 
 
 def _random_like(t: Tensor, gen: torch.Generator) -> Tensor:

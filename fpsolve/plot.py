@@ -17,7 +17,8 @@ HEALTHY_COLOR = "0.75"
 def flag_colors() -> dict:
     """One colour per Flag (tab10), the same in every figure."""
     from .diagnostics import Flag
-    palette = ["#d62728", "#ff7f0e", "#8c564b", "#1f77b4", "#9467bd", "#7f7f7f", "#bcbd22", "#17becf", "#2ca02c"]
+    palette = ["#d62728", "#ff7f0e", "#8c564b", "#1f77b4", "#9467bd", "#7f7f7f", "#bcbd22", "#17becf", "#2ca02c",
+               "#e377c2"]
     return {flag: palette[i % len(palette)] for i, flag in enumerate(Flag)}
 
 

@@ -384,7 +384,7 @@ def test_report_text_is_worst_first_and_explains_each_flag():
     assert div < osc                                   # the worst first
     assert F.DIVERGENCE.message in text and F.OSCILLATION.message in text
     assert F.FALSE_HALT.message not in text           # only the flags that occurred are explained
-    assert "healthy (unique, attracting fixed point): 0" in text
+    assert "healthy samples (unique, attracting fixed point), by index: [0]" in text
     for flag in Flag:   # every flag says what to try
         assert "; try " in flag.message
 
