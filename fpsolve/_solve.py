@@ -7,7 +7,8 @@ from typing import Any, Callable, Dict, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._backward import Implicit, Phantom, Unroll, implicit_attach, make_backward, phantom_steps, with_value
+from ._backward import (Implicit, Phantom, Unroll, checkpointed, implicit_attach, make_backward,
+                        phantom_steps, with_value)
 from ._loop import iterate
 from ._solution import Solution, Status
 from ._tree import StateLayout, check_x, tensors_in
@@ -126,7 +127,7 @@ def solve(
     runner = None
     if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
         # Record the whole forward solve, solver algebra included.
-        res = iterate(fn, z_start, x, fz0, solver_obj, **options)
+        res = iterate(checkpointed(fn, bw), z_start, x, fz0, solver_obj, **options)
         z_out = res.z
     else:
         fz0 = fz0.detach() if fz0.requires_grad else fz0
@@ -147,7 +148,8 @@ def solve(
                     fn, res.z, x, lambda vjp, g: _solve_adjoint(vjp, g, adjoint_solver, adjoint_options))
             else:
                 steps, damping = (bw.steps, bw.damping) if isinstance(bw, Phantom) else (bw.steps, 1.0)
-                z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
+                z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping,
+                                                        getattr(bw, "checkpoint", None)))
     sol = res
     sol.z = layout.unpack(z_out)
     if runner is not None:
