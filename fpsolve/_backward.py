@@ -112,15 +112,16 @@ def with_value(value: Tensor, graph: Tensor) -> Tensor:
     return value + (graph - graph.detach())
 
 
-def phantom_steps(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, steps: int, damping: float,
-                  checkpoint: Optional[int] = None) -> Tensor:
-    """`steps` damped passes of fn from z, recorded by autograd; with `checkpoint=c`, in
-    segments of c passes recomputed in backward (only each segment's input is kept)."""
+def phantom_steps(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, steps: int, damping: float) -> Tensor:
+    """`steps` damped passes of fn from z, recorded by autograd; when fn comes from
+    `checkpointed` with segments of c passes, each segment is recomputed in backward (only
+    the state entering it is kept)."""
+    segment = getattr(fn, "segment", None)
     with torch.enable_grad():
-        if checkpoint is None:
+        if segment is None:
             return _passes(fn, z, x, steps, damping)
-        for start in range(0, steps, checkpoint):
-            n = min(checkpoint, steps - start)
+        for start in range(0, steps, segment):
+            n = min(segment, steps - start)
             z = _checkpoint(_passes, fn, z, x, n, damping, use_reentrant=False,
                             context_fn=_same_parametrizations)
     return z
@@ -134,10 +135,25 @@ def _passes(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, n: int, damp
 
 
 def checkpointed(fn: Callable[[Tensor, Any], Tensor], bw: Any) -> Callable[[Tensor, Any], Tensor]:
-    """fn itself, or for Unroll(checkpoint=c) fn with every call recomputed in backward."""
-    if not (isinstance(bw, Unroll) and bw.checkpoint is not None):
-        return fn
-    return lambda z, x: _checkpoint(fn, z, x, use_reentrant=False, context_fn=_same_parametrizations)
+    """fn itself, or for Unroll(checkpoint=c) fn marked for checkpointing (see `_Checkpointed`)."""
+    if isinstance(bw, Unroll) and bw.checkpoint is not None:
+        return _Checkpointed(fn, bw.checkpoint, per_call=bw.steps is None)
+    return fn
+
+
+class _Checkpointed:
+    """f for Unroll(checkpoint=c). steps=None: each call made with autograd on goes through
+    `torch.utils.checkpoint` (recomputed in backward). steps=k: calls are plain, and
+    `phantom_steps` reads `segment` to run the k passes in checkpointed segments of c."""
+
+    def __init__(self, fn: Callable[[Tensor, Any], Tensor], segment: int, per_call: bool) -> None:
+        self.fn, self.per_call = fn, per_call
+        self.segment = None if per_call else segment
+
+    def __call__(self, z: Tensor, x: Any) -> Tensor:
+        if self.per_call and torch.is_grad_enabled():
+            return _checkpoint(self.fn, z, x, use_reentrant=False, context_fn=_same_parametrizations)
+        return self.fn(z, x)
 
 
 def _same_parametrizations() -> "tuple[_CacheNote, _CacheReplay]":

@@ -105,7 +105,7 @@ def solve(
         return Solution(z=z0, iterations=empty, residual=empty.to(z_start.dtype),
                         converged=empty.bool(), status=empty.clone(), evaluations=0,
                         trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
-    fn = layout.wrap(f, x is not None)
+    fn = checkpointed(layout.wrap(f, x is not None), bw)   # Unroll(checkpoint=c): see _backward
     grad_mode = torch.is_grad_enabled() and bw is not None
     # z0 is only a starting point: the fixed point does not depend on it, so it is detached.
     z0_start = layout.unpack(z_start) if layout.container is not None else z0.detach()
@@ -127,7 +127,7 @@ def solve(
     runner = None
     if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
         # Record the whole forward solve, solver algebra included.
-        res = iterate(checkpointed(fn, bw), z_start, x, fz0, solver_obj, **options)
+        res = iterate(fn, z_start, x, fz0, solver_obj, **options)
         z_out = res.z
     else:
         fz0 = fz0.detach() if fz0.requires_grad else fz0
@@ -148,8 +148,7 @@ def solve(
                     fn, res.z, x, lambda vjp, g: _solve_adjoint(vjp, g, adjoint_solver, adjoint_options))
             else:
                 steps, damping = (bw.steps, bw.damping) if isinstance(bw, Phantom) else (bw.steps, 1.0)
-                z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping,
-                                                        getattr(bw, "checkpoint", None)))
+                z_out = with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
     sol = res
     sol.z = layout.unpack(z_out)
     if runner is not None:
