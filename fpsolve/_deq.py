@@ -1,7 +1,7 @@
 """`DEQ`: an nn.Module that solves its block's fixed point; and a Jacobian-norm penalty."""
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,11 @@ class DEQ(nn.Module):
     With `jacobian_penalty=k` (k probes), `sol.jacobian_penalty` holds the per-sample
     Hutchinson estimate of ||∂f/∂z||_F² at the solution, to add to the loss in training.
     """
+
+    #: The last forward's Solution, detached (safe to keep and to deepcopy); its `adjoint` is
+    #: set when that forward's implicit backward runs. `layer.last_solution.stats()` after
+    #: `loss.backward()` is one row for a logger.
+    last_solution: Optional[Solution] = None
 
     def __init__(
         self,
@@ -103,6 +108,7 @@ class DEQ(nn.Module):
             if state.container is not None:
                 raise ValueError("DEQ(jacobian_penalty=...) supports a single-tensor state.")
             sol.jacobian_penalty = jacobian_penalty(self.block, sol.z, x, self.jacobian_penalty)
+        self.last_solution = sol.detached()
         return sol.z, sol
 
     def extra_repr(self) -> str:
