@@ -5,6 +5,7 @@ Everything public is imported here; the modules behind it are private.
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
 from .diagnostics import Flag, Report, diagnose
+from .norms import frobenius_bound, lipschitz_bounds, spectral_bound
 from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status
 from ._solve import solve
@@ -31,4 +32,7 @@ __all__ = [
     "diagnose",
     "Flag",
     "Report",
+    "spectral_bound",
+    "frobenius_bound",
+    "lipschitz_bounds",
 ]

@@ -38,3 +38,17 @@ def test_the_csv_logging_block_runs(tmp_path, monkeypatch):
                 "adjoint_converged_fraction", "evaluations"):
         assert all(float(r[key]) >= 0 for r in rows), key
     assert float(rows[-1]["converged_fraction"]) == 1.0
+
+
+def test_the_norm_control_block_runs_and_shows_the_effect(tmp_path, monkeypatch, capsys):
+    """The numbers in the table under it: the unbounded block needs far more passes."""
+    (code,) = blocks("Keeping the block contractive")[-1:]
+    ns = run(code, tmp_path, monkeypatch)
+    r = ns["results"]   # name -> (iterations first, last, max, converged, sigma, loss)
+    none = r["none"]
+    assert none[1] > 40 and none[3] < 0.8 and none[4] > 2
+    for name, v in r.items():
+        if name != "none":
+            assert v[1] < 10 and v[3] == 1.0 and v[4] <= 0.9 * 1.01, (name, v)
+    assert r["spectral_bound(0.9)"][4] == pytest.approx(0.9, rel=0.01)
+    assert len(capsys.readouterr().out.splitlines()) == 4
