@@ -1,7 +1,7 @@
 """Two timescales as one fixed point: an HRM-style loop on the maze task, solved and diagnosed
 with fpsolve, against the single-timescale loop of the halting study at equal parameters.
 
-    python examples/hierarchical.py           # under 3 min on 1 CPU thread; writes
+    python examples/hierarchical.py           # about 100 s of CPU on 1 thread; writes
                                               # docs/figures/hierarchical.png, docs/hierarchical.json
 
 The state is a tuple (z_high, z_low), both [B, cells, dim]. One call of f runs T low-level
