@@ -169,12 +169,13 @@ def _same_parametrizations() -> "tuple[_CacheNote, _CacheReplay]":
 
 
 class _CacheNote:
-    """Forward context: notes torch's parametrization cache, if it is on."""
+    """Forward context: notes torch's parametrization cache, if it is on (the module globals
+    `_cache_enabled` and `_cache` of torch.nn.utils.parametrize, read defensively: private)."""
 
     cache: Optional[dict] = None
 
     def __enter__(self) -> None:
-        if parametrize._cache_enabled:
+        if getattr(parametrize, "_cache_enabled", 0) and isinstance(getattr(parametrize, "_cache", None), dict):
             self.cache = dict(parametrize._cache)
 
     def __exit__(self, *exc: Any) -> None:

@@ -75,7 +75,8 @@ class Solution:
         return self.summary()
 
     def stats(self) -> Dict[str, float]:
-        """A flat dict of floats for loggers (TensorBoard, W&B, a CSV row), one host sync.
+        """A flat dict of floats for loggers (TensorBoard, W&B, a CSV row), one host sync
+        (two with the adjoint).
 
         Fractions are of the batch, per status (they sum to 1). Residual quantiles are over
         the finite residuals only; nan when there is none (an empty or wholly diverged batch).
