@@ -16,6 +16,10 @@ Modes, each the same work in both libraries where both have it:
   fpsolve phantom   Phantom(steps=5, damping=0.5)
   torchdeq phantom  get_deq(core="sliced", grad=5, tau=0.5)
   fpsolve unroll    Unroll(): backpropagation through all d forward passes (torchdeq has none)
+  fpsolve unroll_ckpt        Unroll(checkpoint=1): the same, every pass of f recomputed in backward
+  fpsolve unroll_last        Unroll(steps=d): d passes of f from the solution, recorded
+  fpsolve unroll_last_ckpt   Unroll(steps=d, checkpoint=10): the same d passes in segments of 10,
+                    each recomputed in backward (memory grows with d / 10 segments)
 
 Memory, two measures per run (CPU has no allocator statistics such as
 torch.cuda.max_memory_allocated):
@@ -50,6 +54,8 @@ from problems import build  # noqa: E402
 DEPTHS = (10, 50, 200)
 ADJOINT_ITERS = 30
 PHANTOM_STEPS, PHANTOM_DAMPING = 5, 0.5
+SEGMENT = 10      # passes per checkpointed segment in unroll_last_ckpt
+FPSOLVE_MODES = ("implicit", "phantom", "unroll", "unroll_ckpt", "unroll_last", "unroll_last_ckpt")
 NEVER = 1e-30     # a tolerance that is never met: every solve runs its whole budget
 
 
@@ -89,6 +95,9 @@ class Case:
                 "implicit": fpsolve.Implicit(solver="fixed_point", rtol=NEVER, max_iter=ADJOINT_ITERS),
                 "phantom": fpsolve.Phantom(steps=PHANTOM_STEPS, damping=PHANTOM_DAMPING),
                 "unroll": fpsolve.Unroll(),
+                "unroll_ckpt": fpsolve.Unroll(checkpoint=1),
+                "unroll_last": fpsolve.Unroll(steps=depth),
+                "unroll_last_ckpt": fpsolve.Unroll(steps=depth, checkpoint=SEGMENT),
             }[mode]
 
     @property
@@ -166,7 +175,7 @@ def run_benchmark(dtype: torch.dtype, depths: Tuple[int, ...], repeats: int,
     c = torch.randn(p.z0.shape, generator=gen, dtype=torch.float64).to(dtype)
     rows: List[Dict[str, Any]] = []
     for depth in depths:
-        cases = [Case("fpsolve", m, depth, f, p.x, p.z0, c) for m in ("implicit", "phantom", "unroll")]
+        cases = [Case("fpsolve", m, depth, f, p.x, p.z0, c) for m in FPSOLVE_MODES]
         if with_torchdeq:
             cases += [Case("torchdeq", m, depth, f, p.x, p.z0, c) for m in ("implicit", "phantom")]
         fwd: Dict[str, List[float]] = {k.name: [] for k in cases}
@@ -231,7 +240,11 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
         "exactly *depth* evaluations of f (max_iter = depth, rtol = 1e-30, so the tolerance is never met) in "
         f"both libraries. Implicit modes run exactly {ADJOINT_ITERS} adjoint iterations in both libraries "
         f"(fixed-point, tolerance never met); phantom modes take {PHANTOM_STEPS} steps with damping "
-        f"{PHANTOM_DAMPING}; unroll backpropagates through every forward pass (torchdeq has no such mode).",
+        f"{PHANTOM_DAMPING}; unroll backpropagates through every forward pass (torchdeq has no such mode), "
+        "unroll_ckpt the same with every pass of f recomputed in backward (`Unroll(checkpoint=1)`); "
+        f"unroll_last records *depth* passes of f from the solution (`Unroll(steps=depth)`), "
+        f"unroll_last_ckpt the same in checkpointed segments of {SEGMENT} passes "
+        f"(`Unroll(steps=depth, checkpoint={SEGMENT})`).",
         "",
         "*saved*: bytes of the distinct storages autograd saves for backward during the forward "
         "(`saved_tensors_hooks`; parameters and inputs, which exist anyway, left out). *peak*: the "
@@ -270,6 +283,12 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
                 lines.append(f"| {dtype} | implicit backward time ≤ torchdeq's, depth {d} | {ratio:.2f}× "
                              f"({ours['backward_ms']:.2f} vs {theirs['backward_ms']:.2f} ms) | "
                              f"{'met' if ratio <= 1.0 else '**not met**'} |")
+        for d in depths:
+            plain, ck = _find(rows, "fpsolve", "unroll_last", d, dtype), _find(rows, "fpsolve", "unroll_last_ckpt", d, dtype)
+            if plain and ck:
+                lines.append(f"| {dtype} | checkpointed unroll of {d} passes ({-(-d // SEGMENT)} segments): saved bytes, "
+                             f"vs plain | {_mib(ck['saved_bytes'])} vs {_mib(plain['saved_bytes'])} MiB "
+                             f"({ck['saved_bytes'] / max(plain['saved_bytes'], 1):.3f}×) | |")
     lines.append("")
     return lines
 

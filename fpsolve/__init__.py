@@ -6,6 +6,7 @@ from ._criteria import HaltHead, OutputKL, Residual, Stable
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
 from .diagnostics import Flag, Report, diagnose
+from .norms import frobenius_bound, lipschitz_bounds, spectral_bound
 from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status
 from ._solve import solve
@@ -40,4 +41,7 @@ __all__ = [
     "diagnose",
     "Flag",
     "Report",
+    "spectral_bound",
+    "frobenius_bound",
+    "lipschitz_bounds",
 ]

@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._checks import as_float, as_int, as_tolerances
 from ._tree import select_rows
@@ -70,13 +72,24 @@ class Phantom:
 class Unroll:
     """Backpropagation through the iterations: `steps=None` records the whole forward solve
     (the solver's own algebra included); `steps=k` records the last k passes of f, run from
-    the solution as a looped model would. Memory grows with what is recorded."""
+    the solution as a looped model would. Memory grows with what is recorded.
+
+    `checkpoint=c` (activation checkpointing, `torch.utils.checkpoint`, same gradient): with
+    `steps=k` the k passes run in segments of c passes, of which only the input state is kept
+    and the passes are recomputed in backward, so memory grows with the k/c segments. With
+    `steps=None` every call of f is recomputed in backward (f's inner activations are not
+    kept; the state entering each pass and the solver's algebra still are). f must be the
+    same map when recomputed: no in-place updates such as BatchNorm's running statistics.
+    """
 
     steps: Optional[int] = None
+    checkpoint: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.steps is not None:
             object.__setattr__(self, "steps", as_int("Unroll(steps=...)", self.steps))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", as_int("Unroll(checkpoint=...)", self.checkpoint))
 
 
 Backward = Union[Implicit, Phantom, Unroll]
@@ -108,11 +121,17 @@ def with_value(value: Tensor, graph: Tensor) -> Tensor:
 
 
 def phantom_steps(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, steps: int, damping: float) -> Tensor:
-    """`steps` damped passes of fn from z, recorded by autograd."""
+    """`steps` damped passes of fn from z, recorded by autograd; when fn comes from
+    `checkpointed` with segments of c passes, each segment is recomputed in backward (only
+    the state entering it is kept)."""
+    segment = getattr(fn, "segment", None)
     with torch.enable_grad():
-        for _ in range(steps):
-            fz = fn(z, x)
-            z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
+        if segment is None:
+            return _passes(fn, z, x, steps, damping)
+        for start in range(0, steps, segment):
+            n = min(segment, steps - start)
+            z = _checkpoint(_passes, fn, z, x, n, damping, use_reentrant=False,
+                            context_fn=_same_parametrizations)
     return z
 
 
@@ -125,6 +144,78 @@ def _vjp(out: Tensor, z: Tensor, v: Tensor) -> Tensor:
 #: f on a subset of rows must give the rows of f on the batch to this many units of rounding
 #: (relative to the largest entry), or the adjoint keeps the whole-batch graph.
 ROWS_TOLERANCE = 64
+
+
+def _passes(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, n: int, damping: float) -> Tensor:
+    for _ in range(n):
+        fz = fn(z, x)
+        z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
+    return z
+
+
+def checkpointed(fn: Callable[[Tensor, Any], Tensor], bw: Any) -> Callable[[Tensor, Any], Tensor]:
+    """fn itself, or for Unroll(checkpoint=c) fn marked for checkpointing (see `_Checkpointed`)."""
+    if isinstance(bw, Unroll) and bw.checkpoint is not None:
+        return _Checkpointed(fn, bw.checkpoint, per_call=bw.steps is None)
+    return fn
+
+
+class _Checkpointed:
+    """f for Unroll(checkpoint=c). steps=None: each call made with autograd on goes through
+    `torch.utils.checkpoint` (recomputed in backward). steps=k: calls are plain, and
+    `phantom_steps` reads `segment` to run the k passes in checkpointed segments of c."""
+
+    def __init__(self, fn: Callable[[Tensor, Any], Tensor], segment: int, per_call: bool) -> None:
+        self.fn, self.per_call = fn, per_call
+        self.segment = None if per_call else segment
+
+    def __call__(self, z: Tensor, x: Any) -> Tensor:
+        if self.per_call and torch.is_grad_enabled():
+            return _checkpoint(self.fn, z, x, use_reentrant=False, context_fn=_same_parametrizations)
+        return self.fn(z, x)
+
+
+def _same_parametrizations() -> "tuple[_CacheNote, _CacheReplay]":
+    """Checkpoint contexts that replay f with the parametrization cache it ran with.
+
+    `DEQ` computes parametrized weights (spectral_norm, ...) once per forward under
+    `parametrize.cached()`; backward runs after that context is closed, so the recomputation
+    would compute them again (and a power iteration would move on): f would be another map.
+    The forward context notes the cache at entry; every recomputation runs with that cache.
+    """
+    note = _CacheNote()
+    return note, _CacheReplay(note)
+
+
+class _CacheNote:
+    """Forward context: notes torch's parametrization cache, if it is on (the module globals
+    `_cache_enabled` and `_cache` of torch.nn.utils.parametrize, read defensively: private)."""
+
+    cache: Optional[dict] = None
+
+    def __enter__(self) -> None:
+        if getattr(parametrize, "_cache_enabled", 0) and isinstance(getattr(parametrize, "_cache", None), dict):
+            self.cache = dict(parametrize._cache)
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class _CacheReplay:
+    """Recomputation context (entered once per backward): the noted cache, switched on."""
+
+    def __init__(self, note: _CacheNote) -> None:
+        self.note, self.before = note, None
+
+    def __enter__(self) -> None:
+        if self.note.cache is not None:
+            self.before = parametrize._cache_enabled, parametrize._cache
+            parametrize._cache_enabled, parametrize._cache = self.before[0] + 1, dict(self.note.cache)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.before is not None:
+            parametrize._cache_enabled, parametrize._cache = self.before
+            self.before = None
 
 
 class _AdjointRunner:

@@ -1,7 +1,7 @@
 """`DEQ`: an nn.Module that solves its block's fixed point; and a Jacobian-norm penalty."""
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,11 @@ class DEQ(nn.Module):
     Hutchinson estimate of ||∂f/∂z||_F² at the solution, to add to the loss in training.
     """
 
+    #: The last forward's Solution, detached (safe to keep and to deepcopy); its `adjoint` is
+    #: set when that forward's implicit backward runs. `layer.last_solution.stats()` after
+    #: `loss.backward()` is one row for a logger.
+    last_solution: Optional[Solution] = None
+
     def __init__(
         self,
         block: Union[nn.Module, Callable[..., Any]],
@@ -140,6 +145,7 @@ class DEQ(nn.Module):
             raise
         if self.jacobian_penalty and torch.is_grad_enabled():
             sol.jacobian_penalty = jacobian_penalty(self.block, sol.z, x, self.jacobian_penalty)
+        self.last_solution = sol.detached()
         return sol.z, sol
 
     def extra_repr(self) -> str:

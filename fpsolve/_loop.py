@@ -289,8 +289,11 @@ def _iterate_sample(
                 # window's valid passes, merged with the best before the window
                 masked = torch.where(valid & ~torch.isnan(R), R, math.inf)
                 wb = masked.argmin(dim=0)
-                Z = torch.stack(win_z)
-                pick = lambda t: Z.gather(0, t.view(at_b).expand((1,) + tuple(Z.shape[1:]))).squeeze(0)  # noqa: E731
+                if w == 1:   # (no copy, and no index kept for backward when Unroll records)
+                    pick = lambda t: win_z[0]  # noqa: E731
+                else:
+                    Z = torch.stack(win_z)
+                    pick = lambda t: Z.gather(0, t.view(at_b).expand((1,) + tuple(Z.shape[1:]))).squeeze(0)  # noqa: E731
                 wr = R.gather(0, wb.view(1, -1)).squeeze(0)
                 if best_r is None:    # (the start is the best so far, even when its residual is nan)
                     cand_z, cand_r = pick(wb), wr

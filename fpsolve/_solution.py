@@ -1,9 +1,11 @@
 """The result of a solve: `Solution` and the per-sample `Status` codes."""
 from __future__ import annotations
 
+import copy
 import enum
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -79,3 +81,64 @@ class Solution:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    def stats(self) -> Dict[str, float]:
+        """A flat dict of floats for loggers (TensorBoard, W&B, a CSV row), one host sync
+        (two with the adjoint).
+
+        Fractions are of the batch, per status (they sum to 1). Residual quantiles are over
+        the finite residuals only; nan when there is none (an empty or wholly diverged batch).
+        An empty batch gives 0 for counts, means and fractions. After an implicit backward
+        (`adjoint` set) the adjoint solve's figures are added under `adjoint_...`.
+        """
+        # Status.HALTED (= 3) is being added in parallel; its integer code is used until then.
+        halted = int(getattr(Status, "HALTED", 3))
+        n = self.status.numel()
+        out: Dict[str, float] = {"batch_size": float(n)}
+        if n == 0:
+            values: List[float] = [0.0] * 7 + [math.nan] * 3
+        else:
+            it = self.iterations.double()
+            counts = torch.bincount(self.status.flatten(), minlength=halted + 1).double() / n
+            r = self.residual.detach().double()
+            r = r.masked_fill(~torch.isfinite(r), math.nan)
+            q = torch.nanquantile(r, torch.tensor([0.5, 0.9, 1.0], dtype=r.dtype, device=r.device))
+            values = torch.cat((torch.stack((it.mean(), it.min(), it.max())),
+                                counts[[int(Status.CONVERGED), int(Status.MAX_ITER), int(Status.DIVERGED), halted]],
+                                q)).tolist()
+        names = ("iterations_mean", "iterations_min", "iterations_max", "converged_fraction",
+                 "max_iter_fraction", "diverged_fraction", "halted_fraction", "residual_median",
+                 "residual_p90", "residual_max")
+        out.update(zip(names, values))
+        out["evaluations"] = float(self.evaluations)
+        if self.adjoint is not None:
+            adj = self.adjoint.stats()
+            for key in ("iterations_mean", "iterations_max", "converged_fraction", "residual_max",
+                        "evaluations"):
+                out["adjoint_" + key] = adj[key]
+        return out
+
+    def detached(self) -> "Solution":
+        """A copy without autograd history that still receives `adjoint` when this solution's
+        implicit backward runs: safe to keep (e.g. `DEQ.last_solution`) and to deepcopy."""
+        twin = copy.copy(self)
+        twin.__dict__.pop("_followers", None)
+        twin.z = _detach(self.z)
+        if self.jacobian_penalty is not None:
+            twin.jacobian_penalty = self.jacobian_penalty.detach()
+        self.__dict__.setdefault("_followers", []).append(twin)
+        return twin
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name == "adjoint":   # set by the implicit backward: tell the detached copies too
+            for twin in self.__dict__.get("_followers", ()):
+                twin.adjoint = value
+
+
+def _detach(z: Any) -> Any:
+    if isinstance(z, torch.Tensor):
+        return z.detach()
+    if isinstance(z, (tuple, list)):
+        return type(z)(_detach(t) for t in z)
+    return z

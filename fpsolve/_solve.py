@@ -6,8 +6,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._backward import (Implicit, Phantom, Unroll, check_transforms, implicit_attach, make_backward,
-                        phantom_steps, with_value)
+from ._backward import (Implicit, Phantom, Unroll, check_transforms, checkpointed, implicit_attach,
+                        make_backward, phantom_steps, with_value)
 from ._checks import as_bool, as_int, as_tolerances, usable_start
 from ._criteria import Residual, make_criterion
 from ._loop import Halt, iterate
@@ -112,7 +112,7 @@ def solve(
     if z_start.requires_grad:
         z_start = z_start.detach()
     B = layout.batch
-    fn = layout.wrap(f, x is not None)
+    fn = checkpointed(layout.wrap(f, x is not None), bw)   # Unroll(checkpoint=c): see _backward
     grad_mode = torch.is_grad_enabled() and bw is not None
     # z0 is only a starting point: the fixed point does not depend on it, so it is detached.
     z0_start = layout.unpack(z_start) if layout.container is not None else z0.detach()
