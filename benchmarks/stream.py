@@ -7,7 +7,14 @@ Reported per method: samples/s, f calls, f rows, occupancy (rows per call / slot
 limits (rows >= sum of iterations; calls >= sum of iterations / slots), plus the ideal: the
 fixed-depth time x sum of iterations / (N K), i.e. halting whose bookkeeping is free.
 
-    python benchmarks/stream.py [--repeats 7] [--threads 1] [--quick]
+Streams: "mlp", "transformer" (random blocks) and "maze": the halting study's looped transformer
+(checkpoint benchmarks/data/maze_loop.pt, made by benchmarks/train_maze_checkpoint.py) on 8x8
+mazes padded with walls to 16x16 and 16x16 mazes, so every row is 256 tokens. Its 32 slots: on
+its 512 mazes (mean 18.7 passes, most 45) 32 slots need 348 f calls (goal <= 389) and 11136 rows
+(1.16x the passes); 16 slots need 672 calls, 64 slots waste 1.28x rows on the tail.
+`--verify` times nothing: it checks stream == solve(halting="sample") per sample and accuracy.
+
+    python benchmarks/stream.py [--repeats 7] [--threads 1] [--quick] [--streams maze] [--verify]
 """
 from __future__ import annotations
 
@@ -17,15 +24,21 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import fpsolve  # noqa: E402
+from maze import WALL, generate  # noqa: E402
+from train_maze_checkpoint import CHECKPOINT as MAZE_CHECKPOINT, load as load_maze  # noqa: E402
+
+STREAMS = ("mlp", "transformer", "maze")
 
 
 class Counted:
@@ -79,17 +92,70 @@ class SmallBlock(nn.Module):
 
 @dataclass
 class Stream:
+    """One benchmark stream: f(z, x), its per-sample data x (a tuple of batch-first tensors, handed
+    to f as one tuple per batch) and the solve settings; `batch` is both the batch size of the
+    batch-by-batch methods and the stream's slots. Optional: `readout(z, x)` -> per-sample answers,
+    `labels` the right ones, `groups` named sample masks to report accuracy on."""
+
     name: str
     description: str
     f: nn.Module
-    x: torch.Tensor
-    c: torch.Tensor
+    x: Tuple[torch.Tensor, ...]
     batch: int
     rtol: float
     max_iter: int
+    norm: str = "l2"
+    readout: Optional[Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], torch.Tensor]] = None
+    labels: Optional[torch.Tensor] = None
+    groups: Optional[Dict[str, torch.Tensor]] = None
 
-    def batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.x[i:i + self.batch], self.c[i:i + self.batch]) for i in range(0, self.x.shape[0], self.batch)]
+    @property
+    def N(self) -> int:
+        return self.x[0].shape[0]
+
+    def batches(self) -> List[Tuple[torch.Tensor, ...]]:
+        return [tuple(t[i:i + self.batch] for t in self.x) for i in range(0, self.N, self.batch)]
+
+    def accuracy(self, z: torch.Tensor) -> Dict[str, float]:
+        """Share of samples whose whole answer is right, per group (needs readout and labels)."""
+        if self.readout is None or self.labels is None:
+            return {}
+        right = (self.readout(z, self.x) == self.labels).flatten(1).all(1)
+        groups = self.groups or {"all": torch.ones_like(right)}
+        return {g: float(right[m].float().mean()) for g, m in groups.items()}
+
+
+def pad_mazes(cells: np.ndarray, n: int) -> np.ndarray:
+    """Mazes [B, m, m] placed in the top-left corner of n x n grids of walls ([B, n, n]): same
+    reachable set, so a stream of mixed sizes has one row shape."""
+    B, m = cells.shape[:2]
+    if m > n:
+        raise ValueError(f"pad_mazes: mazes of size {m} do not fit in n={n}.")
+    out = np.full((B, n, n), WALL, dtype=cells.dtype)
+    out[:, :m, :m] = cells
+    return out
+
+
+def maze_stream(N: int, checkpoint: Optional[str] = None, seed: int = 4321) -> Stream:
+    """The halting study's looped transformer (the trained checkpoint) on N mazes, half 8x8
+    (padded to 16x16 with walls) and half 16x16, shuffled; its fixed-point rule (norm, rtol)."""
+    model, meta = load_maze(checkpoint or MAZE_CHECKPOINT)
+    rng = np.random.default_rng(seed)
+    small, big = generate(N // 2, 8, rng, max_difficulty=48), generate(N - N // 2, 16, rng, max_difficulty=48)
+    cells = torch.as_tensor(np.concatenate([pad_mazes(small.cells, 16), big.cells]))
+    labels = torch.as_tensor(np.concatenate([pad_mazes(small.reachable, 16), big.reachable])).flatten(1)
+    is8 = torch.arange(N) < N // 2
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+    cells, labels, is8 = cells[perm], labels[perm], is8[perm]
+    with torch.no_grad():
+        emb, code = model.inputs(cells)
+    rule = meta["rule"]
+    return Stream("maze", f"the halting study's looped transformer (benchmarks/data/maze_loop.pt, dim "
+                  f"{model.dim}) on {N} mazes, half 8x8 padded with walls to 16x16 and half 16x16 (256 "
+                  f"tokens each), BFS depth <= 48; norm {rule['norm']}; batches/slots of 32",
+                  model, (emb, code), 32, rule["rtol"], 64, norm=rule["norm"],
+                  readout=lambda z, x: model.predict(z, x[1]), labels=labels,
+                  groups={"8x8 (padded)": is8, "16x16": ~is8, "all": torch.ones(N, dtype=torch.bool)})
 
 
 def build(name: str, quick: bool = False) -> Stream:
@@ -99,38 +165,61 @@ def build(name: str, quick: bool = False) -> Stream:
         c = 0.3 + 0.68 * torch.rand(N, 1, generator=gen)
         x = torch.randn(N, n, generator=gen)
         return Stream(name, f"tanh(c_i W z + x), W symmetric with spectral radius 1, c_i ~ U[0.3, 0.98], "
-                      f"width {n}, {N} inputs, batches/slots of 64", MixedMLP(n, gen).eval(), x, c, 64, 1e-4, 100)
+                      f"width {n}, {N} inputs, batches/slots of 64", MixedMLP(n, gen).eval(), (x, c), 64, 1e-4, 100)
     if name == "transformer":
         torch.manual_seed(0)
         N, seq, d = (64 if quick else 256), 16, 64
         c = 0.2 + 0.7 * torch.rand(N, generator=gen)
         x = torch.randn(N, seq, d, generator=gen)
         return Stream(name, f"pre-norm transformer block, output c_i tanh(.) + x, c_i ~ U[0.2, 0.9], seq {seq}, "
-                      f"width {d}, {N} inputs, batches/slots of 16", SmallBlock(d, 4, gen).eval(), x, c, 16, 1e-4, 100)
-    raise ValueError(name)
+                      f"width {d}, {N} inputs, batches/slots of 16", SmallBlock(d, 4, gen).eval(), (x, c), 16,
+                      1e-4, 100)
+    if name == "maze":
+        return maze_stream(128 if quick else 512)
+    raise ValueError(f"build: name must be one of {STREAMS}; got {name!r}.")
 
 
 def _z0(s: Stream, rows: int) -> torch.Tensor:
-    return torch.zeros((rows,) + tuple(s.x.shape[1:]))
+    """Zero states shaped like the first input field (the state's shape in every stream here)."""
+    return torch.zeros((rows,) + tuple(s.x[0].shape[1:]))
 
 
 def run_fixed(s: Stream, f: Callable[..., Any], K: int) -> None:
-    for xb, cb in s.batches():
-        z = _z0(s, xb.shape[0])
+    for xb in s.batches():
+        z = _z0(s, xb[0].shape[0])
         for _ in range(K):
-            z = f(z, (xb, cb))
+            z = f(z, xb)
 
 
-def run_solve(s: Stream, f: Callable[..., Any], halting: str) -> fpsolve.Solution:
-    sols = [fpsolve.solve(f, _z0(s, xb.shape[0]), (xb, cb), solver="fixed_point", rtol=s.rtol,
-                          max_iter=s.max_iter, halting=halting, backward="none") for xb, cb in s.batches()]
-    return sols[-1]
+def run_solve(s: Stream, f: Callable[..., Any], halting: str) -> List[fpsolve.Solution]:
+    return [fpsolve.solve(f, _z0(s, xb[0].shape[0]), xb, solver="fixed_point", rtol=s.rtol, norm=s.norm,
+                          max_iter=s.max_iter, halting=halting, backward="none") for xb in s.batches()]
 
 
 def run_stream(s: Stream, f: Callable[..., Any], check_every: Any = None) -> fpsolve.Solution:
-    shape = tuple(s.x.shape[1:])
-    return fpsolve.solve_stream(f, s.batches(), slots=s.batch, solver="fixed_point", rtol=s.rtol,
-                                max_iter=s.max_iter, z0=torch.zeros((1,) + shape), check_every=check_every)
+    return fpsolve.solve_stream(f, s.batches(), slots=s.batch, solver="fixed_point", rtol=s.rtol, norm=s.norm,
+                                max_iter=s.max_iter, z0=_z0(s, 1), check_every=check_every)
+
+
+def verify(s: Stream, check_every: Any = None) -> Dict[str, Any]:
+    """Correctness, no timing: per sample, stream and solve(halting="sample") agree on
+    iterations, status and (with a readout) the answer; the largest |z| difference; accuracy."""
+    with torch.no_grad():
+        st = run_stream(s, s.f, check_every)
+        sols = run_solve(s, s.f, "sample")
+    z = torch.cat([x.z for x in sols])
+    its = torch.cat([x.iterations for x in sols])
+    status = torch.cat([x.status for x in sols])
+    out = {"name": s.name, "N": s.N, "iterations_differ": int((st.iterations != its).sum()),
+           "status_differ": int((st.status != status).sum()),
+           "max_abs_z_diff": float((st.z - z).abs().max()),
+           "mean_iterations": float(st.iterations.float().mean()), "max_iterations": int(st.iterations.max()),
+           "converged": float(st.converged.float().mean())}
+    if s.readout is not None:
+        out["answers_differ"] = int((s.readout(st.z, s.x) != s.readout(z, s.x)).flatten(1).any(1).sum())
+        out["accuracy_stream"] = s.accuracy(st.z)
+        out["accuracy_solve"] = s.accuracy(z)
+    return out
 
 
 def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = None) -> Dict[str, Any]:
@@ -139,6 +228,7 @@ def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = N
         ref = run_stream(s, s.f, check_every=1)
     its = ref.iterations
     N, K, total = its.numel(), int(its.max()), int(its.sum())
+    accuracy = s.accuracy(ref.z)
     methods: Dict[str, Callable[[Callable[..., Any]], Any]] = {
         "fixed depth (oracle K)": lambda f: run_fixed(s, f, K),
         "solve, halting='batch'": lambda f: run_solve(s, f, "batch"),
@@ -169,7 +259,8 @@ def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = N
                 walls[m].append(time.perf_counter() - t0)
     fixed = min(walls["fixed depth (oracle K)"])
     out = {"name": s.name, "description": s.description, "N": N, "K": K, "iterations_sum": total,
-           "iterations_mean": total / N, "slots": s.batch, "ideal_ms": fixed * total / (N * K) * 1e3,
+           "iterations_mean": total / N, "slots": s.batch, "rtol": s.rtol, "norm": s.norm,
+           "accuracy": accuracy, "ideal_ms": fixed * total / (N * K) * 1e3,
            "compile_s": compile_s, "check_every": check_every or fpsolve._stream.DEFAULT_CHECK_EVERY,
            "methods": {}}
     for m in methods:
@@ -194,9 +285,11 @@ def markdown(results: List[Dict[str, Any]]) -> List[str]:
     lines = []
     for r in results:
         lines += [
-            f"**{r['name']}**: {r['description']}. Fixed-point solver, rtol {1e-4}, N = {r['N']}, "
-            f"K = {r['K']} (the most any sample needs), mean iterations {r['iterations_mean']:.1f}; "
-            f"stream check_every {r['check_every']}"
+            f"**{r['name']}**: {r['description']}. Fixed-point solver, rtol {r['rtol']:g} ({r['norm']}), "
+            f"N = {r['N']}, K = {r['K']} (the most any sample needs), mean iterations {r['iterations_mean']:.1f}; "
+            + (f"accuracy (whole answer right) {', '.join(f'{g} {v:.3f}' for g, v in r['accuracy'].items())}; "
+               if r["accuracy"] else "")
+            + f"stream check_every {r['check_every']}"
             + (f"; torch.compile warm-up {r['compile_s']:.1f} s (not in the times)." if r['compile_s'] else "."),
             "",
             "| method | wall ms (least [median]) | × fixed depth | samples/s | f calls | f rows | occupancy |",
@@ -217,7 +310,9 @@ def markdown(results: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-STREAMS = ("mlp", "transformer")
+def _solve_all(s: Stream, f: Callable[..., Any], check_every: int) -> List[fpsolve.Solution]:
+    return [fpsolve.solve(f, _z0(s, xb[0].shape[0]), xb, solver="fixed_point", rtol=s.rtol, norm=s.norm,
+                          max_iter=s.max_iter, backward="none", check_every=check_every) for xb in s.batches()]
 
 
 def sweep(s: Stream, repeats: int, values: Tuple[int, ...] = (1, 2, 4, 8, 16)) -> List[str]:
@@ -228,9 +323,7 @@ def sweep(s: Stream, repeats: int, values: Tuple[int, ...] = (1, 2, 4, 8, 16)) -
     runs: Dict[str, Callable[[], Any]] = {"fixed": lambda: run_fixed(s, s.f, K)}
     for v in values:
         runs[f"stream {v}"] = (lambda v=v: run_stream(s, s.f, v))
-        runs[f"solve {v}"] = (lambda v=v: [fpsolve.solve(s.f, _z0(s, xb.shape[0]), (xb, cb), solver="fixed_point",
-                                                          rtol=s.rtol, max_iter=s.max_iter, backward="none",
-                                                          check_every=v) for xb, cb in s.batches()])
+        runs[f"solve {v}"] = (lambda v=v: _solve_all(s, s.f, v))
     walls: Dict[str, List[float]] = {m: [] for m in runs}
     with torch.no_grad():
         for m, run in runs.items():
@@ -247,9 +340,7 @@ def sweep(s: Stream, repeats: int, values: Tuple[int, ...] = (1, 2, 4, 8, 16)) -
         cs, cv = Counted(s.f), Counted(s.f)
         with torch.no_grad():
             run_stream(s, cs, v)
-            for xb, cb in s.batches():
-                fpsolve.solve(cv, _z0(s, xb.shape[0]), (xb, cb), solver="fixed_point", rtol=s.rtol,
-                              max_iter=s.max_iter, backward="none", check_every=v)
+            _solve_all(s, cv, v)
         out.append(f"| {v} | {min(walls[f'stream {v}']) / fixed:.2f}× | {cs.calls} | "
                    f"{min(walls[f'solve {v}']) / fixed:.2f}× | {cv.rows} |")
     return out + [""]
@@ -263,13 +354,20 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--check-every", type=int, default=None)
     ap.add_argument("--sweep", action="store_true", help="only the check_every sweep")
+    ap.add_argument("--streams", nargs="*", choices=STREAMS, default=list(STREAMS))
+    ap.add_argument("--verify", action="store_true",
+                    help="no timing: check stream against solve(halting='sample') per sample, and accuracy")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.verify:
+        for n in a.streams:
+            print(verify(build(n, a.quick), a.check_every))
+        return
     if a.sweep:
-        for n in STREAMS:
+        for n in a.streams:
             print("\n".join(sweep(build(n, a.quick), a.repeats)))
         return
-    res = [measure(build(n, a.quick), a.repeats, not a.no_compile, a.check_every) for n in STREAMS]
+    res = [measure(build(n, a.quick), a.repeats, not a.no_compile, a.check_every) for n in a.streams]
     print("\n".join(markdown(res)))
 
 
