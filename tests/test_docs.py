@@ -1,0 +1,196 @@
+"""Every ```python block in README.md and docs/*.md runs, and shows what it prints.
+
+Conventions for writing pages (picked up automatically, new pages included):
+
+- A page's ```python blocks run top to bottom in one namespace, in a fresh Python process
+  started from the repository root (one torch thread, matplotlib's Agg backend), as a reader
+  would run them.
+- A block whose first line is ``# fragment`` is a fragment on purpose (a signature, a
+  sketch with names the reader supplies): it is shown, never run. Use it sparingly: a page
+  should not leave the reader with code that cannot run.
+- A ```text block right after a ```python block (blank lines only between them) is what that
+  block prints. It is compared with the real output token by token: words and punctuation
+  exactly (runs of whitespace count as one space), integers exactly, other numbers within a
+  relative 5% or an absolute 1e-8 (``nan`` equals ``nan``). ``...`` in the expected text
+  matches any run of output. A block with no ```text block after it may print anything.
+
+The site itself (mkdocs --strict, the API reference, a real browser) is checked below too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FRAGMENT = "# fragment"
+REL_TOL, ABS_TOL = 0.05, 1e-8
+
+
+@dataclass
+class Block:
+    """One fenced ```python block of a page, with the output shown after it (if any)."""
+
+    line: int  # 1-based line of the opening fence
+    code: str
+    expected: str | None
+
+
+def python_blocks(text: str) -> list[Block]:
+    """The ```python blocks of a markdown text, each with the ```text block that follows it."""
+    lines = text.splitlines()
+    fences: list[tuple[int, str, str]] = []  # (line, info, body)
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)(`{3,})\s*([\w+-]*)", lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, ticks, info = m.group(1), m.group(2), m.group(3).lower()
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(ticks):
+            j += 1
+        body = "\n".join(ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[i + 1:j])
+        fences.append((i + 1, info, body, j + 1))
+        i = j + 1
+    blocks = []
+    for k, (line, info, body, end) in enumerate(fences):
+        if info != "python":
+            continue
+        expected = None
+        if k + 1 < len(fences) and fences[k + 1][1] == "text":
+            between = lines[end:fences[k + 1][0] - 1]
+            if all(not ln.strip() for ln in between):
+                expected = fences[k + 1][2]
+        blocks.append(Block(line, body, expected))
+    return blocks
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b|\.\.\.")
+_TOKEN = re.compile(r"\S")
+
+
+def _tokens(text: str) -> list[str]:
+    """Numbers, ``...`` and single non-space characters, in order."""
+    out, pos = [], 0
+    for m in _NUMBER.finditer(text):
+        out += _TOKEN.findall(text[pos:m.start()])
+        out.append(m.group())
+        pos = m.end()
+    return out + _TOKEN.findall(text[pos:])
+
+
+def _is_number(tok: str) -> bool:
+    return tok not in ("...",) and bool(_NUMBER.fullmatch(tok))
+
+
+def _same(want: str, got: str) -> bool:
+    if _is_number(want) and _is_number(got):
+        if re.fullmatch(r"[-+]?\d+", want):
+            return want.lstrip("+") == got.lstrip("+")
+        a, b = float(want), float(got)
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    return want == got
+
+
+def output_matches(expected: str, actual: str) -> bool:
+    """Whether `actual` is `expected` up to whitespace, number tolerances and ``...``."""
+    want, got = _tokens(expected), _tokens(actual)
+    memo: dict[tuple[int, int], bool] = {}
+
+    def match(i: int, j: int) -> bool:
+        if (i, j) not in memo:
+            if i == len(want):
+                memo[i, j] = j == len(got)
+            elif want[i] == "...":
+                memo[i, j] = any(match(i + 1, k) for k in range(j, len(got) + 1))
+            else:
+                memo[i, j] = j < len(got) and _same(want[i], got[j]) and match(i + 1, j + 1)
+        return memo[i, j]
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * (len(want) + len(got)) + 100))
+    return match(0, 0)
+
+
+_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+import torch
+torch.set_num_threads(int(__import__("os").environ.get("NT","1")))
+blocks = json.load(sys.stdin)
+ns = {"__name__": "__main__"}
+results = []
+for code in blocks:
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            exec(compile(code, "<block>", "exec"), ns)
+    except BaseException:
+        results.append({"out": buf.getvalue(), "error": traceback.format_exc()})
+        break
+    results.append({"out": buf.getvalue(), "error": None})
+print("\n@@RESULTS@@" + json.dumps(results))
+"""
+
+
+def run_page(blocks: list[Block]) -> list[dict]:
+    """Run the page's blocks in order in one fresh process; per block its output or error."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER], input=json.dumps([b.code for b in blocks]),
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )
+    assert "@@RESULTS@@" in proc.stdout, f"the page runner crashed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.rsplit("@@RESULTS@@", 1)[1])
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_python_block_runs_and_prints_what_the_page_shows(page: Path) -> None:
+    blocks = [b for b in python_blocks(page.read_text()) if b.code.lstrip().split("\n")[0].strip() != FRAGMENT
+              and not b.code.lstrip().startswith(FRAGMENT)]
+    if not blocks:
+        pytest.skip(f"{page.name} has no runnable python block")
+    results = run_page(blocks)
+    rel = page.relative_to(ROOT)
+    for block, res in zip(blocks, results):
+        assert res["error"] is None, f"{rel}:{block.line}: the block raised\n{res['error']}"
+        if block.expected is not None:
+            assert output_matches(block.expected, res["out"]), (
+                f"{rel}:{block.line}: the block printed\n{res['out']}\nbut the page shows\n{block.expected}")
+    assert len(results) == len(blocks)
+
+
+def test_fragments_are_marked_on_their_first_line() -> None:
+    """A fragment marker anywhere but the first line is a typo that would run the block."""
+    for page in PAGES:
+        for b in python_blocks(page.read_text()):
+            lines = b.code.strip().splitlines()
+            assert all(ln.strip() != FRAGMENT for ln in lines[1:]), f"{page.name}:{b.line}"
+
+
+def test_output_comparison_catches_the_mismatches_it_should() -> None:
+    shown = "Solution(B=8; CONVERGED: 3, MAX_ITER: 5; iterations mean 42.6 max 50; residual 0.00455)"
+    assert output_matches(shown, shown.replace("0.00455", "0.00460"))          # within 5%
+    assert not output_matches(shown, shown.replace("0.00455", "0.00500"))      # 10% off
+    assert not output_matches(shown, shown.replace("CONVERGED: 3", "CONVERGED: 2"))  # a count
+    assert not output_matches(shown, shown.replace("MAX_ITER", "DIVERGED"))
+    assert output_matches("a   b\n  c", "a b c")                                  # whitespace
+    assert output_matches("tensor([nan, 1.0])", "tensor([nan, 1.00001])")
+    assert not output_matches("tensor([nan, 1.0])", "tensor([0.5, 1.0])")
+    assert output_matches("error: ... at", "error: anything goes here 12 at")
+    assert not output_matches("x 1", "x 1 2")
+
+
+def test_the_collector_pairs_output_blocks_and_skips_other_languages() -> None:
+    text = "```python\nprint(1)\n```\n\n```text\n1\n```\n```bash\nls\n```\n```python\nx = 2\n```\n"
+    blocks = python_blocks(text)
+    assert [(b.line, b.code, b.expected) for b in blocks] == [(1, "print(1)", "1"), (11, "x = 2", None)]
