@@ -194,3 +194,128 @@ def test_the_collector_pairs_output_blocks_and_skips_other_languages() -> None:
     text = "```python\nprint(1)\n```\n\n```text\n1\n```\n```bash\nls\n```\n```python\nx = 2\n```\n"
     blocks = python_blocks(text)
     assert [(b.line, b.code, b.expected) for b in blocks] == [(1, "print(1)", "1"), (11, "x = 2", None)]
+
+
+# --- the site: mkdocs --strict, the API reference, every page in the nav, a real browser ----
+
+import functools
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site built with `mkdocs build --strict` (a warning fails), into a pytest tmp dir."""
+    pytest.importorskip("mkdocs", reason="the docs tools are not installed: pip install -e '.[docs]'")
+    pytest.importorskip("mkdocstrings", reason="the docs tools are not installed: pip install -e '.[docs]'")
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stderr[-4000:]}"
+    return out
+
+
+def test_the_api_page_documents_every_public_name(site: Path) -> None:
+    import fpsolve
+
+    html = (site / "api" / "index.html").read_text()
+    missing = [n for n in fpsolve.__all__ if f'id="fpsolve.{n}"' not in html]
+    assert not missing, f"not in the API reference: {missing}"
+
+
+def test_every_docs_page_is_in_the_nav() -> None:
+    import yaml  # comes with mkdocs
+
+    pytest.importorskip("mkdocs")
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text().replace("!!python", "#"))["nav"]
+    listed = {v for entry in nav for v in entry.values()}
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert not pages - listed, f"docs pages missing from mkdocs.yml's nav: {sorted(pages - listed)}"
+
+
+def test_the_home_page_is_the_readme_with_working_links(site: Path) -> None:
+    html = (site / "index.html").read_text()
+    assert "A solved DEQ in ten lines" in html
+    assert 'src="figures/halting_compute.png"' in html and (site / "figures" / "halting_compute.png").exists()
+    assert 'href="docs/' not in html  # README's links were rewritten for the site
+
+
+def _chromium() -> str | None:
+    return os.environ.get("FPSOLVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def served(site: Path):
+    """The built site on a localhost port, for the duration of the browser tests."""
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep the test output readable
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright; skipped with the reason when either is missing."""
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no Chromium on this machine: `make docs` installs it (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed: pip install -e '.[docs]'")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def _open(browser, url: str, shot: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url, wait_until="load")
+    page.screenshot(path=str(shot), full_page=True)
+    return page
+
+
+def _images_loaded(page) -> tuple[int, list[str]]:
+    """How many <img> in the article, and the sources of those that did not load."""
+    imgs = page.eval_on_selector_all(
+        "article img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
+    return len(imgs), [src for src, ok in imgs if not ok]
+
+
+def test_the_site_in_a_real_browser(browser, served: str, tmp_path: Path) -> None:
+    """Home, a guide page and the API page: figures load, code is highlighted, names listed,
+    search finds things. Screenshots go to this test's tmp dir (printed on failure)."""
+    import fpsolve
+
+    print(f"screenshots in {tmp_path}")
+    for path, name in [("", "home"), ("training/", "training")]:
+        page = _open(browser, f"{served}/{path}", tmp_path / f"{name}.png")
+        n, broken = _images_loaded(page)
+        assert n >= 1 and not broken, f"{name}: {n} figures, not loaded: {broken}"
+        spans = page.locator(".highlight code span[class]").count()  # pygments token classes
+        assert spans > 20, f"{name}: code is not highlighted ({spans} token spans)"
+        page.close()
+
+    page = _open(browser, f"{served}/api/", tmp_path / "api.png")
+    for n in fpsolve.__all__:
+        assert page.locator(f'[id="fpsolve.{n}"]').count() == 1, f"API page lacks {n}"
+    assert page.locator(".doc-signature, .highlight").count() >= len(fpsolve.__all__) // 2
+
+    page.keyboard.press("/")                  # the theme's shortcut to the search box
+    page.keyboard.type("Anderson")            # typed key by key, as a reader would
+    results = page.locator(".md-search-result__item")
+    results.first.wait_for(timeout=15000)
+    assert results.count() >= 1
+    assert "Anderson" in results.first.inner_text()
+    page.screenshot(path=str(tmp_path / "search.png"))
+    page.close()
