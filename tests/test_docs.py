@@ -153,12 +153,17 @@ def run_page(blocks: list[Block]) -> list[dict]:
     return json.loads(proc.stdout.rsplit("@@RESULTS@@", 1)[1])
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def runnable(page: Path) -> list[Block]:
+    """The page's python blocks that are not marked as fragments."""
+    return [b for b in python_blocks(page.read_text()) if not b.code.lstrip().startswith(FRAGMENT)]
+
+
+CODE_PAGES = [p for p in PAGES if runnable(p)]
+
+
+@pytest.mark.parametrize("page", CODE_PAGES, ids=[p.name for p in CODE_PAGES])
 def test_every_python_block_runs_and_prints_what_the_page_shows(page: Path) -> None:
-    blocks = [b for b in python_blocks(page.read_text()) if b.code.lstrip().split("\n")[0].strip() != FRAGMENT
-              and not b.code.lstrip().startswith(FRAGMENT)]
-    if not blocks:
-        pytest.skip(f"{page.name} has no runnable python block")
+    blocks = runnable(page)
     results = run_page(blocks)
     rel = page.relative_to(ROOT)
     for block, res in zip(blocks, results):
@@ -240,6 +245,14 @@ def test_the_home_page_is_the_readme_with_working_links(site: Path) -> None:
     assert "A solved DEQ in ten lines" in html
     assert 'src="figures/halting_compute.png"' in html and (site / "figures" / "halting_compute.png").exists()
     assert 'href="docs/' not in html  # README's links were rewritten for the site
+
+
+def test_every_figure_a_page_shows_is_in_the_built_site(site: Path) -> None:
+    """Figures appear on the pages that discuss them: each image link resolves in the site."""
+    for page in PAGES:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text()):
+            rel = target[5:] if page.name == "README.md" and target.startswith("docs/") else target
+            assert (site / rel).is_file(), f"{page.name} shows {target}, which is not in the site"
 
 
 def _chromium() -> str | None:
