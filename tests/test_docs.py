@@ -332,3 +332,11 @@ def test_the_site_in_a_real_browser(browser, served: str, tmp_path: Path) -> Non
     assert "Anderson" in results.first.inner_text()
     page.screenshot(path=str(tmp_path / "search.png"))
     page.close()
+
+
+def test_every_make_command_the_pages_show_is_a_makefile_target() -> None:
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    for page in PAGES:
+        shown = set(re.findall(r"^\s*make ([\w-]+)", page.read_text(), re.M))
+        shown |= set(re.findall(r"`make ([\w-]+)`", page.read_text()))
+        assert shown <= targets, f"{page.name} shows make {sorted(shown - targets)}, not in the Makefile"
