@@ -13,6 +13,8 @@ Conventions for writing pages (picked up automatically, new pages included):
   exactly (runs of whitespace count as one space), integers exactly, other numbers within a
   relative 5% or an absolute 1e-8 (``nan`` equals ``nan``). ``...`` in the expected text
   matches any run of output. A block with no ```text block after it may print anything.
+  `python tools/update_doc_outputs.py` rewrites the ```text blocks that no longer match (then
+  reread the prose around them: it may quote the old numbers).
 
 The site itself (mkdocs --strict, the API reference, a real browser) is checked below too.
 """
@@ -42,12 +44,13 @@ class Block:
     line: int  # 1-based line of the opening fence
     code: str
     expected: str | None
+    expected_lines: tuple[int, int] | None = None  # 0-based [start, end) of the text block's body
 
 
 def python_blocks(text: str) -> list[Block]:
     """The ```python blocks of a markdown text, each with the ```text block that follows it."""
     lines = text.splitlines()
-    fences: list[tuple[int, str, str]] = []  # (line, info, body)
+    fences: list[tuple[int, str, str, int]] = []  # (line, info, body, closing line), 1-based
     i = 0
     while i < len(lines):
         m = re.match(r"^(\s*)(`{3,})\s*([\w+-]*)", lines[i])
@@ -65,12 +68,12 @@ def python_blocks(text: str) -> list[Block]:
     for k, (line, info, body, end) in enumerate(fences):
         if info != "python":
             continue
-        expected = None
+        expected, span = None, None
         if k + 1 < len(fences) and fences[k + 1][1] == "text":
             between = lines[end:fences[k + 1][0] - 1]
             if all(not ln.strip() for ln in between):
-                expected = fences[k + 1][2]
-        blocks.append(Block(line, body, expected))
+                expected, span = fences[k + 1][2], (fences[k + 1][0], fences[k + 1][3] - 1)
+        blocks.append(Block(line, body, expected, span))
     return blocks
 
 
@@ -199,6 +202,9 @@ def test_the_collector_pairs_output_blocks_and_skips_other_languages() -> None:
     text = "```python\nprint(1)\n```\n\n```text\n1\n```\n```bash\nls\n```\n```python\nx = 2\n```\n"
     blocks = python_blocks(text)
     assert [(b.line, b.code, b.expected) for b in blocks] == [(1, "print(1)", "1"), (11, "x = 2", None)]
+    lines = text.splitlines()
+    start, end = blocks[0].expected_lines
+    assert lines[start:end] == ["1"]
 
 
 # --- the site: mkdocs --strict, the API reference, every page in the nav, a real browser ----
