@@ -9,6 +9,7 @@ from torch.nn.utils import parametrize
 
 from ._backward import check_transforms, make_backward
 from ._checks import as_bool, as_int, as_tolerances, usable_start
+from ._criteria import make_criterion
 from ._solution import Solution
 from ._solve import HALTINGS, NORMS, _check_choice, make_solver, solve
 from ._tree import StateLayout
@@ -68,7 +69,8 @@ def _add_note(err: BaseException, note: str) -> None:
 class DEQ(nn.Module):
     """A deep-equilibrium layer: `z, sol = layer(x, z0=None)` solves z = block(z, x).
 
-    `block`'s parameters are this module's parameters. Options are those of `fpsolve.solve`.
+    `block`'s parameters are this module's parameters. Options are those of `fpsolve.solve`
+    (`criterion=` included: e.g. `fpsolve.Stable(readout)` halts on a settled read-out).
     With `jacobian_penalty=k` (k probes), `sol.jacobian_penalty` holds the per-sample
     Hutchinson estimate of ||∂f/∂z||_F² at the solution, to add to the loss in training.
     """
@@ -91,6 +93,8 @@ class DEQ(nn.Module):
         norm: str = "l2",
         record: bool = False,
         jacobian_penalty: int = 0,
+        criterion: Any = None,
+        check_every: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not callable(block):
@@ -105,8 +109,12 @@ class DEQ(nn.Module):
         max_iter = as_int("max_iter", max_iter)
         record = as_bool("record", record)
         jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
+        make_criterion(criterion, atol, rtol, norm)
+        if check_every is not None:
+            check_every = as_int("check_every", check_every)
         self.options = dict(solver=solver, backward=backward, atol=atol, rtol=rtol,
-                            max_iter=max_iter, halting=halting, norm=norm, record=record)
+                            max_iter=max_iter, halting=halting, norm=norm, record=record,
+                            criterion=criterion, check_every=check_every)
         self.jacobian_penalty = jacobian_penalty
 
     def forward(self, x: Any, z0: Any = None) -> Tuple[Any, Solution]:

@@ -137,3 +137,11 @@ def test_implicit_backward_warns_for_a_halted_sample_that_is_not_at_a_fixed_poin
         sol.z.sum().backward()
     # the implicit gradient is that of the fixed point z* = 2x, although z is not there
     torch.testing.assert_close(x.grad, torch.full((2, 1), 2.0, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_deq_takes_a_criterion():
+    layer = fpsolve.DEQ(halve, solver="fixed_point", criterion=fpsolve.Stable(two_class, patience=2))
+    z, sol = layer(X, z0=torch.zeros(2, 1, dtype=torch.float64))
+    assert sol.status.tolist() == [Status.HALTED] * 2 and sol.iterations.tolist() == [5, 5]
+    with pytest.raises(TypeError, match="criterion"):
+        fpsolve.DEQ(halve, criterion="stable")
