@@ -48,6 +48,10 @@ def check_positive(name: str, value: object, *, integer: bool = False, at_most: 
         raise ValueError(f"{name} must be {want}; got {value!r}.")
 
 
+def remember(recent: Tensor, r: Tensor, reject: Tensor) -> Tensor:
+    """recent [b, w], oldest first, with r appended (and the oldest dropped) where not reject."""
+    return torch.where(reject.unsqueeze(1), recent, torch.cat((recent[:, 1:], r.unsqueeze(1)), 1))
+
 
 def flat(t: Tensor) -> Tensor:
     """[b, ...] -> [b, n] (no op for the common 2-D state)."""
