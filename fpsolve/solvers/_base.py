@@ -22,8 +22,18 @@ class Solver(Protocol):
 
     `z` is the current iterate `[b, ...]`, `fz = f(z)`, `g = fz - z`, and `k` counts the
     evaluations already made for these rows, minus one (0 at the first step). Steps run under
-    `torch.no_grad()`; a solver may update its own state buffers in place.
+    `torch.no_grad()` (with grad for `Unroll`); a solver may update its own state buffers in
+    place when autograd is not recording.
+
+    Per-row stepping (`fpsolve.stream`, fixed shapes): `k` may also be an int64 tensor `[b]`
+    of per-row counts; `k[i] == 0` means row i holds a new sample, whose step must ignore the
+    row's history exactly as if `init` had been called for that row alone. Such a step does
+    no host sync and has no data-dependent shape (it may run under torch.compile), and each
+    row follows the trajectory of the int-k path. A solver that supports this says so with
+    the class attribute `per_row = True`; `stream` rejects one without it.
     """
+
+    per_row: bool = False
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State: ...
 

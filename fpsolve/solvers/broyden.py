@@ -161,7 +161,7 @@ class Broyden:
             v_hist.zero_()
         b, mem = z.shape[0], self.memory
         rows = torch.arange(b, device=z.device)
-        gf, zf, fzf = g.reshape(b, 1, -1), z.reshape(b, 1, -1), fz.reshape(b, 1, -1)
+        gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
         fresh = k == 0
         r = torch.linalg.vector_norm(gf, dim=2).squeeze(1)
         reject = self._reject(r, r_prev, t) & ~fresh if self.line_search else torch.zeros_like(fresh)
@@ -171,19 +171,23 @@ class Broyden:
         dg = torch.where(keep, gf - g_prev.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
         valid = (torch.arange(mem, device=z.device) < c.unsqueeze(1)) & ~fresh.unsqueeze(1)
         valid = valid.unsqueeze(1).to(z.dtype)                                 # [b, 1, mem]
-        prods = torch.bmm(torch.cat((dg, gf), dim=1), v_hist.transpose(1, 2)) * valid
+        rej = reject.view(b, 1, 1)
+        g_from = torch.where(rej, g_prev.unsqueeze(1), gf)   # as in step(): see there
+        prods = torch.bmm(torch.cat((dg, g_from), dim=1), v_hist.transpose(1, 2)) * valid
         comb = torch.bmm(prods, u_hist)
         h_dg = comb[:, :1] - dg
-        zt_h = torch.bmm(torch.bmm(dz, u_hist.transpose(1, 2)) * valid, v_hist) - dz
-        new_u = self._new_u(dz, dg, h_dg, zt_h, reject | fresh, None).nan_to_num_(0.0, 0.0, 0.0)
-        zt_h = zt_h.nan_to_num_(0.0, 0.0, 0.0)
+        zt_h = (torch.bmm(torch.bmm(dz, u_hist.transpose(1, 2)) * valid, v_hist) - dz).nan_to_num_(0.0, 0.0, 0.0)
+        new_u = self._new_u(dz, dg, h_dg, zt_h, None, skip=fresh).nan_to_num_(0.0, 0.0, 0.0)
         u_hist.index_put_((rows, c), new_u.squeeze(1))
         v_hist.index_put_((rows, c), zt_h.squeeze(1))
-        gv = torch.bmm(zt_h, gf.transpose(1, 2))
-        z_next = torch.addcmul(fzf - comb[:, 1:], gv, new_u, value=-1.0).view(b, -1)
-        rej = reject.unsqueeze(1)
-        z_next = torch.where(rej, 0.5 * (z_prev + zf.view(b, -1)), z_next)
-        state = (u_hist, v_hist, torch.where(rej, g_prev, gf.view(b, -1)), torch.where(rej, z_prev, zf.view(b, -1)),
-                 0, torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)),
-                 torch.where(reject, 0.5 * t, 1.0), True)
+        gv = torch.bmm(zt_h, g_from.transpose(1, 2))
+        if self.line_search:
+            p = torch.addcmul(g_from - comb[:, 1:], gv, new_u, value=-1.0)
+            t = torch.where(reject, 0.5 * t, 1.0)
+            z_from = torch.where(rej, z_prev.unsqueeze(1), zf)
+            z_next = torch.addcmul(z_from, t.view(b, 1, 1), p)
+        else:   # (the textbook formula, as in step())
+            z_from, z_next = zf, torch.addcmul(fz.reshape(b, 1, -1) - comb[:, 1:], gv, new_u, value=-1.0)
+        state = (u_hist, v_hist, g_from.view(b, -1), z_from.view(b, -1), 0,
+                 torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)), t, True)
         return z_next.view_as(fz), state
