@@ -45,6 +45,30 @@ def compact(state: State, index: Tensor) -> State:
     return tuple(s.index_select(0, index) if isinstance(s, Tensor) else s for s in state)
 
 
+def keep_rows(buf: Tensor, keep: Tensor, sorted_keep: bool) -> Tensor:
+    """buf.index_select(0, keep), in place when it is safe: the kept rows move to the front of
+    buf through a temporary of an eighth of it, and buf[:len(keep)] is returned.
+
+    (A copy would hold the old and the new state at once: twice the solver's memory at every
+    compaction.) Needs keep ascending (`sorted_keep`, checked once per compaction by the caller)
+    and autograd not recording; then row keep[i] >= i, so a chunk never overwrites a source
+    row of a later chunk. The storage is not shrunk: the memory is held until the solve ends.
+    """
+    if not sorted_keep or torch.is_grad_enabled() or buf.requires_grad:
+        return buf.index_select(0, keep)
+    n = keep.shape[0]
+    step = max(1, -(-n // 8))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        buf.narrow(0, i, j - i).copy_(buf.index_select(0, keep[i:j]))
+    return buf.narrow(0, 0, n)
+
+
+def is_ascending(keep: Tensor) -> bool:
+    """Whether the row indices increase strictly (one host sync; compaction is the slow path)."""
+    return keep.shape[0] < 2 or bool((keep[1:] > keep[:-1]).all())
+
+
 def check_positive(name: str, value: object, *, integer: bool = False, at_most: float | None = None) -> None:
     """Raise a clear error unless value is a positive number (an int when integer=True)."""
     kind = int if integer else (int, float)

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, flat, remember, write_slot
+from ._base import State, check_positive, flat, is_ascending, keep_rows, remember, write_slot
 
 #: A plain step that multiplies a sample's residual by more than this shows that plain
 #: iteration does not contract there: the safeguard is switched off for that sample.
@@ -45,8 +45,10 @@ class Anderson:
     cannot be solved gets a plain damped step; the others are unaffected. `safeguard`: a
     sample whose accelerated iterate does not lower its residual falls back to the plain step
     from the point before (see the module docstring); False gives the textbook iteration.
-    Memory: 2m state-sized vectors per sample plus 2 (g and the anchor of the last point);
-    the measured peak of a step is in docs/solving.md.
+    Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
+    2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
+    13.8 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
+    in place (never two copies of the history).
     """
 
     m: int = 5
@@ -175,10 +177,14 @@ class Anderson:
         dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, _ = state
         gf, af = flat(g), flat(self._anchor(z, fz))
         r = torch.linalg.vector_norm(gf.detach(), dim=1)
+        recording = torch.is_grad_enabled() and g.requires_grad
         if k == 0:
             counts = counts.index_fill(1, torch.tensor([3], device=z.device), 1)   # a plain step
             r_prev = r.unsqueeze(1).expand(-1, WINDOW)
-            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, False)
+            # (Own copies of g and the anchor, updated in place below; the loop's buffers are
+            # freed as it moves on, so this costs no more memory than keeping them.)
+            own = (gf, af) if recording else (gf.clone(), af.clone())
+            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, *own, r_prev, checked, counts, False)
         reject, counts, use, checked = self._guard(r, r_prev, checked, counts)
         m = min(k, self.m)
         j = (k - 1) % self.m
@@ -188,14 +194,29 @@ class Anderson:
         valid = (age < counts[:, :1]) & use.unsqueeze(1)
         rhs = torch.bmm(gf.unsqueeze(1), dg_hist[:, :m].transpose(1, 2)).transpose(1, 2)
         gamma = self._solve_masked(system[:, :m, :m], rhs, valid)
-        z_acc = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
+        z_next = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
+        z_next = z_next.squeeze(1)
         # A rejected sample goes back to the point the rejected iterate came from and takes
-        # its plain step (known already: no extra evaluation).
+        # its plain step (known already: no extra evaluation); that point stays its last.
         rej = reject.unsqueeze(1)
-        z_next = torch.where(rej, self._plain(g_prev, a_prev), z_acc.squeeze(1))
-        state = (dg_hist, dz_hist, system, torch.where(rej, g_prev, gf), torch.where(rej, a_prev, af),
-                 remember(r_prev, r, reject), checked, counts, False)
+        if recording:
+            z_next = torch.where(rej, self._plain(g_prev, a_prev), z_next)
+            g_prev, a_prev = torch.where(rej, g_prev, gf), torch.where(rej, a_prev, af)
+        else:
+            torch.where(rej, self._plain(g_prev, a_prev), z_next, out=z_next)
+            torch.where(rej, g_prev, gf, out=g_prev)
+            torch.where(rej, a_prev, af, out=a_prev)
+        state = (dg_hist, dz_hist, system, g_prev, a_prev, remember(r_prev, r, reject), checked, counts, False)
         return z_next.view(z.shape), state
+
+    def compact(self, state: State, keep: Tensor) -> State:
+        """Drop halted rows; the history moves in place (see `keep_rows`), not copied."""
+        dg_hist, dz_hist, system, g_prev, a_prev, *rest = state
+        ok = is_ascending(keep)
+        owned = self.safeguard   # (textbook: g_prev, a_prev are views of the loop's tensors)
+        return (keep_rows(dg_hist, keep, ok), keep_rows(dz_hist, keep, ok), system.index_select(0, keep),
+                keep_rows(g_prev, keep, ok and owned), keep_rows(a_prev, keep, ok and owned),
+                *(t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest))
 
     def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
         """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,

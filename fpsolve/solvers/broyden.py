@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, remember, write_slot
+from ._base import State, check_positive, is_ascending, keep_rows, remember, write_slot
 
 #: Armijo's sufficient-decrease constant on the residual norm.
 ARMIJO = 1e-4
@@ -43,8 +43,10 @@ class Broyden:
     |Δz|·|H Δg| is skipped for that sample (keeps the estimate finite). `line_search`: a
     sample whose step does not lower its residual enough backtracks along it (halving the
     step, at most 5 times; each trial costs one evaluation of f); False gives the textbook
-    iteration. Memory: 2·memory state-sized vectors per sample plus 2 (g and z of the last
-    accepted point); the measured peak of a step is in docs/solving.md.
+    iteration. Memory (measured, benchmarks/memory_solvers.py): 2·memory state-sized vectors
+    per sample, plus 2 (g and z of the last accepted point) and about 5 of step temporaries
+    at the peak: 36.6 state-sized buffers at memory = 15 (36.4 with line_search=False);
+    halted rows are dropped in place (never two copies of the pairs).
     """
 
     memory: int = 15
@@ -68,14 +70,23 @@ class Broyden:
         return (u, v, g.reshape(b, n), z.reshape(b, n), 0, z.new_zeros(b, WINDOW), z.new_ones(b), False)
 
     def compact(self, state: State, keep: Tensor) -> State:
-        """Drop halted rows, copying only the filled pairs."""
+        """Drop halted rows, moving only the filled pairs, in place (see `keep_rows`)."""
         u, v, g_prev, z_prev, count, *rest = state
-        u2, v2 = u.new_empty(keep.shape[0], *u.shape[1:]), v.new_empty(keep.shape[0], *v.shape[1:])
-        if count:
-            u2[:, :count] = u[:, :count].index_select(0, keep)
-            v2[:, :count] = v[:, :count].index_select(0, keep)
+        n = keep.shape[0]
+        ok = is_ascending(keep) and not torch.is_grad_enabled() and not (u.requires_grad or v.requires_grad)
+        if ok:
+            if count:
+                keep_rows(u[:, :count], keep, True)
+                keep_rows(v[:, :count], keep, True)
+            u2, v2 = u.narrow(0, 0, n), v.narrow(0, 0, n)
+        else:
+            u2, v2 = u.new_empty(n, *u.shape[1:]), v.new_empty(n, *v.shape[1:])
+            if count:
+                u2[:, :count] = u[:, :count].index_select(0, keep)
+                v2[:, :count] = v[:, :count].index_select(0, keep)
+        owned = ok and self.line_search   # (textbook: views of the loop's g and z)
         rest = [t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest]
-        return (u2, v2, g_prev.index_select(0, keep), z_prev.index_select(0, keep), count, *rest)
+        return (u2, v2, keep_rows(g_prev, keep, owned), keep_rows(z_prev, keep, owned), count, *rest)
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
         if isinstance(k, Tensor):
@@ -84,51 +95,81 @@ class Broyden:
         b = z.shape[0]
         gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
         r = torch.linalg.vector_norm(gf.detach(), dim=2).squeeze(1) if self.line_search else None
+        # In a plain solve the new pair is written straight into its slot (out=) and the
+        # temporaries are reused in place; when autograd records the step (Unroll), nothing
+        # saved for backward is overwritten (write_slot copies the history instead).
+        recording = torch.is_grad_enabled() and g.requires_grad
         if k == 0:  # H = -I: the Newton step -H g is g, i.e. plain iteration
+            g_prev, z_prev = gf.view(b, -1), zf.view(b, -1)
             if r is not None:
                 r_prev = r.unsqueeze(1).expand(b, WINDOW)
-            return fz, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), 0, r_prev, t, False)
+                if not recording:   # (own copies, updated in place by the line search)
+                    g_prev, z_prev = g_prev.clone(), z_prev.clone()
+            return fz, (u_hist, v_hist, g_prev, z_prev, 0, r_prev, t, False)
         if count == self.memory:  # memory full: restart from H = -I
             count = 0
         reject = self._reject(r, r_prev, t) if self.line_search else None
-        dz = zf - z_prev.unsqueeze(1)
-        dg = gf - g_prev.unsqueeze(1)
         # With the line search, a rejected sample steps again from its accepted point z_a
         # (with g_a), the estimate updated by the trial all the same (a true secant pair).
         rej = None if reject is None else reject.view(b, 1, 1)
-        g_from = gf if rej is None else torch.where(rej, g_prev.unsqueeze(1), gf)
+        dz = zf - z_prev.unsqueeze(1)
         u, v = u_hist[:, :count], v_hist[:, :count]
-        # In a plain solve the new pair is written straight into its slot (out=); when autograd
-        # records the step (Unroll), the history is copied instead (write_slot).
-        recording = torch.is_grad_enabled() and g.requires_grad
         v_slot = None if recording else v_hist[:, count:count + 1]
         if count:
-            # (Δg·v_i, g·v_i), then both combinations of the u_i in one pass over U.
-            prods = torch.bmm(torch.cat((dg, g_from), dim=1), v.transpose(1, 2))   # [b, 2, c]
-            comb = torch.bmm(prods, u)                                         # [b, 2, n]
-            h_dg = comb[:, :1] - dg                                            # H Δg
-            zt_h = torch.sub(torch.bmm(torch.bmm(dz, u.transpose(1, 2)), v), dz, out=v_slot)  # Δzᵀ H
+            # (Δg, g) side by side, their products with the v_i, then both combinations of
+            # the u_i in one pass over U: comb = (Σ u_i v_i·Δg, Σ u_i v_i·g).
+            if recording:
+                dg = gf - g_prev.unsqueeze(1)
+                g_from = gf if rej is None else torch.where(rej, g_prev.unsqueeze(1), gf)
+                work = torch.cat((dg, g_from), dim=1)
+            else:
+                work = gf.new_empty(b, 2, gf.shape[2])
+                dg = torch.sub(gf, g_prev.unsqueeze(1), out=work[:, :1])
+                g_from = work[:, 1:]
+                if rej is None:
+                    g_from.copy_(gf)
+                else:
+                    torch.where(rej, g_prev.unsqueeze(1), gf, out=g_from)
+            comb = torch.bmm(torch.bmm(work, v.transpose(1, 2)), u)            # [b, 2, n]
+            h_dg = torch.sub(comb[:, :1], dg, out=None if recording else comb[:, :1])   # H Δg
+            zt_h = torch.bmm(torch.bmm(dz, u.transpose(1, 2)), v, out=v_slot)
+            zt_h = zt_h - dz if recording else zt_h.sub_(dz)                     # Δzᵀ H
         else:
+            dg = gf - g_prev.unsqueeze(1)
+            g_from = gf if rej is None else torch.where(rej, g_prev.unsqueeze(1), gf)
             h_dg = -dg
             zt_h = torch.neg(dz, out=v_slot)
-        new_u = self._new_u(dz, dg, h_dg, zt_h, None if recording else u_hist[:, count:count + 1])
+        new_u = self._new_u(dz, dg, h_dg, zt_h, None if recording else u_hist[:, count:count + 1],
+                            in_place=not recording)
+        del dz, dg, h_dg
         if recording:
             u_hist = write_slot(u_hist, (slice(None), count), new_u.squeeze(1))
             v_hist = write_slot(v_hist, (slice(None), count), zt_h.squeeze(1))
         # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = f(z) - Σ u_i (v_i·g).
         gv = torch.bmm(zt_h, g_from.transpose(1, 2))
         if rej is None:
-            base = fz.reshape(new_u.shape) if not count else fz.reshape(new_u.shape) - comb[:, 1:]
-            z_next = torch.addcmul(base, gv, new_u, value=-1.0)
+            if not count:
+                z_next = torch.addcmul(fz.reshape(new_u.shape), gv, new_u, value=-1.0)
+            elif recording:
+                z_next = torch.addcmul(fz.reshape(new_u.shape) - comb[:, 1:], gv, new_u, value=-1.0)
+            else:
+                z_next = torch.sub(fz.reshape(new_u.shape), comb[:, 1:]).addcmul_(gv, new_u, value=-1.0)
             return z_next.view_as(fz), (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1, r, t, False)
         # z⁺ = z_a + t·p (a rejected sample: its accepted point, t halved) or z + p.
-        p = g_from if not count else g_from - comb[:, 1:]
-        p = torch.addcmul(p, gv, new_u, value=-1.0)
+        if not count:
+            p = torch.addcmul(g_from, gv, new_u, value=-1.0)
+        elif recording:
+            p = torch.addcmul(g_from - comb[:, 1:], gv, new_u, value=-1.0)
+        else:
+            p = torch.sub(g_from, comb[:, 1:], out=comb[:, 1:]).addcmul_(gv, new_u, value=-1.0)
         t = torch.where(reject, 0.5 * t, 1.0)
-        z_from = torch.where(rej, z_prev.unsqueeze(1), zf)
-        z_next = torch.addcmul(z_from, t.view(b, 1, 1), p)
-        state = (u_hist, v_hist, g_from.view(b, -1), z_from.view(b, -1), count + 1,
-                 remember(r_prev, r, reject), t, False)
+        if recording:
+            g_prev, z_prev = g_from.view(b, -1), torch.where(rej, z_prev.unsqueeze(1), zf).view(b, -1)
+        else:
+            g_prev.copy_(g_from.view(b, -1))
+            torch.where(reject.view(b, 1), z_prev, zf.view(b, -1), out=z_prev)
+        z_next = torch.addcmul(z_prev.unsqueeze(1), t.view(b, 1, 1), p)
+        state = (u_hist, v_hist, g_prev, z_prev, count + 1, remember(r_prev, r, reject), t, False)
         return z_next.view_as(fz), state
 
     @staticmethod
@@ -136,14 +177,13 @@ class Broyden:
         """Armijo's test failed (nan fails it) and the step may still be halved."""
         return ~(r <= (1.0 - ARMIJO * t) * r_prev.amax(1)) & (t > 2.0 ** -MAX_BACKTRACKS)
 
-
     def _new_u(self, dz: Tensor, dg: Tensor, h_dg: Tensor, zt_h: Tensor, out: Optional[Tensor],
-               skip: Optional[Tensor] = None) -> Tensor:
+               skip: Optional[Tensor] = None, in_place: bool = False) -> Tensor:
         """u = (Δz - HΔg) / (Δzᵀ H Δg), or 0 (no update) where the denominator is too small
-        or `skip` says so."""
+        or `skip` says so. in_place: Δz - HΔg may overwrite h_dg (a temporary)."""
         denom = torch.bmm(zt_h, dg.transpose(1, 2))                            # Δzᵀ H Δg
-        numer = dz - h_dg
         scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
+        numer = torch.sub(dz, h_dg, out=h_dg if in_place else None)
         # (floored at the smallest normal number: a subnormal denominator has no finite inverse)
         ok = denom.abs() > (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
         if skip is not None:
