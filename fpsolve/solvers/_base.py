@@ -30,10 +30,9 @@ class Solver(Protocol):
     row's history exactly as if `init` had been called for that row alone. Such a step does
     no host sync and has no data-dependent shape (it may run under torch.compile), and each
     row follows the trajectory of the int-k path. A solver that supports this says so with
-    the class attribute `per_row = True`; `stream` rejects one without it.
+    the class attribute `per_row = True` (optional, so not a protocol member: a solver
+    without it is still a Solver); `stream` rejects one without it.
     """
-
-    per_row: bool = False
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State: ...
 
