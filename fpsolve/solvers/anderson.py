@@ -47,7 +47,7 @@ class Anderson:
     from the point before (see the module docstring); False gives the textbook iteration.
     Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
     2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
-    13.8 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
+    12.9 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
     in place (never two copies of the history).
     """
 
@@ -76,9 +76,10 @@ class Anderson:
         dg_hist = z.new_empty(b, m, n)   # slots [:filled] are valid; the rest is never read
         dz_hist = z.new_empty(b, m, n)   # columns Δz + β Δg
         system = z.new_zeros(b, m, m)    # ΔGᵀΔG with its ridge on the diagonal
-        # Then per sample: the residual of the last accepted point, whether the current iterate
-        # is an accelerated one (to be checked), and its counters (see `_guard`); last,
-        # whether the history was zeroed (per-row stepping reads every slot).
+        # Then per sample: the residuals of the last accepted points, whether the current
+        # iterate is an accelerated one (to be checked), and its counters (see `_guard`); last,
+        # the mode: "calm" (no rejection yet: no per-sample bookkeeping), "guarded", or True
+        # once per-row stepping has zeroed the history (it reads every slot).
         return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)), z.new_zeros(b, WINDOW),
                 torch.zeros(b, dtype=torch.bool, device=z.device),
                 torch.zeros(b, 4, dtype=torch.int64, device=z.device), False)
@@ -98,13 +99,19 @@ class Anderson:
             return self._step_safeguarded(state, z, fz, g, k)
         dg_hist, dz_hist, system, g_prev, a_prev, *extra = state
         gf, af = flat(g), flat(self._anchor(z, fz))
-        base = fz if self.beta == 1.0 else z.add(g, alpha=self.beta)
         if k == 0:  # no history yet: a plain (damped) step
-            return base, (dg_hist, dz_hist, system, gf, af, *extra)
+            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, *extra)
+        z_next, dg_hist, dz_hist, system = self._accelerate(dg_hist, dz_hist, system, g_prev, a_prev, z, fz, g, k)
+        return z_next, (dg_hist, dz_hist, system, gf, af, *extra)
+
+    def _accelerate(self, dg_hist: Tensor, dz_hist: Tensor, system: Tensor, g_prev: Tensor, a_prev: Tensor,
+                    z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The textbook step k >= 1 with every filled slot: (z⁺, history, Gram system)."""
+        gf, af = flat(g), flat(self._anchor(z, fz))
+        base = fz if self.beta == 1.0 else z.add(g, alpha=self.beta)
         m = min(k, self.m)           # filled slots
         j = (k - 1) % self.m         # the slot this step writes
-        dg_hist, dz_hist, system, dg, recording = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
-        hist_t = dg_hist[:, :m].transpose(1, 2)
+        dg_hist, dz_hist, system, hist_t, recording = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
         rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
         # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
         # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
@@ -112,11 +119,12 @@ class Anderson:
         gamma = torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
         gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
         z_next = torch.baddbmm(flat(base).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
-        return z_next.view(base.shape), (dg_hist, dz_hist, system, gf, af, *extra)
+        return z_next.view(base.shape), dg_hist, dz_hist, system
 
     def _write(self, dg_hist: Tensor, dz_hist: Tensor, system: Tensor, gf: Tensor, af: Tensor,
                g_prev: Tensor, a_prev: Tensor, j: int, m: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-        """Write the new columns into slot j and its Gram row against the m filled slots."""
+        """Write the new columns into slot j and its Gram row against the m filled slots;
+        returns the history, the system, ΔGᵀ of the filled slots, and whether autograd records."""
         recording = torch.is_grad_enabled() and gf.requires_grad   # Unroll: no in-place on saved tensors
         if recording:
             dg = gf - g_prev
@@ -130,14 +138,15 @@ class Anderson:
                 col.add_(dg, alpha=self.beta)
         # New Gram row (column j against all filled). (bmm with the thin operand first is
         # several times faster than with the history first.)
-        row = torch.bmm(dg.unsqueeze(1), dg_hist[:, :m].transpose(1, 2)).squeeze(1)
+        hist_t = dg_hist[:, :m].transpose(1, 2)
+        row = torch.bmm(dg.unsqueeze(1), hist_t).squeeze(1)
         # The ridge is relative to each column's own squared norm (Levenberg-Marquardt
         # scaling): the diagonally scaled system has eigenvalues in [λ, m + λ], so it stays
         # well conditioned, and only the new column's diagonal entry changes.
         row[:, j] *= 1.0 + self._lambda(gf.dtype)   # (autograd-safe: bmm saves only its inputs)
         system = write_slot(system, (slice(None), j, slice(0, m)), row)
         system = write_slot(system, (slice(None), slice(0, m), j), row)
-        return dg_hist, dz_hist, system, dg, recording
+        return dg_hist, dz_hist, system, hist_t, recording
 
     def _solve_masked(self, system: Tensor, rhs: Tensor, valid: Tensor) -> Tensor:
         """γ from the system restricted, per sample, to its valid slots (γ = 0 elsewhere).
@@ -174,25 +183,40 @@ class Anderson:
         return reject, torch.stack((n_valid, wait, strikes, fell), 1), use, use & (strikes >= 0)
 
     def _step_safeguarded(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
-        dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, _ = state
+        dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, mode = state
         gf, af = flat(g), flat(self._anchor(z, fz))
         r = torch.linalg.vector_norm(gf.detach(), dim=1)
         recording = torch.is_grad_enabled() and g.requires_grad
         if k == 0:
-            counts = counts.index_fill(1, torch.tensor([3], device=z.device), 1)   # a plain step
             r_prev = r.unsqueeze(1).expand(-1, WINDOW)
-            # (Own copies of g and the anchor, updated in place below; the loop's buffers are
-            # freed as it moves on, so this costs no more memory than keeping them.)
-            own = (gf, af) if recording else (gf.clone(), af.clone())
-            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, *own, r_prev, checked, counts, False)
+            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, "calm")
+        if mode == "calm":
+            # Until a first rejection, every sample accelerates with its whole history, and
+            # the step is the textbook one plus a residual test and one host sync (a bool).
+            if k == 1:   # the first step was plain: where it raised the residual by more than
+                checked = r <= DISARM * r_prev[:, -1]   # DISARM, the safeguard stands down
+                calm = True
+            else:
+                calm = not bool((checked & ~(r < r_prev.amax(1))).any())
+            if calm:
+                z_next, dg_hist, dz_hist, system = self._accelerate(dg_hist, dz_hist, system, g_prev, a_prev, z, fz, g, k)
+                r_prev = torch.cat((r_prev[:, 1:], r.unsqueeze(1)), 1)
+                return z_next, (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, "calm")
+            # The first rejection: the per-sample bookkeeping from here on (see `_guard`).
+            b = z.shape[0]
+            counts = torch.zeros(b, 4, dtype=torch.int64, device=z.device)
+            counts[:, 0] = min(k - 1, self.m)
+            counts[:, 2] = torch.where(checked, 0, -1)
+            if not recording:   # (own copies of the last point, updated in place below)
+                g_prev, a_prev = g_prev.clone(), a_prev.clone()
         reject, counts, use, checked = self._guard(r, r_prev, checked, counts)
         m = min(k, self.m)
         j = (k - 1) % self.m
-        dg_hist, dz_hist, system, _, _ = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
+        dg_hist, dz_hist, system, hist_t, _ = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
         # Slot i was written (j - i) mod m steps ago; it is valid while younger than n_valid.
         age = torch.remainder(j - torch.arange(m, device=z.device), self.m)
         valid = (age < counts[:, :1]) & use.unsqueeze(1)
-        rhs = torch.bmm(gf.unsqueeze(1), dg_hist[:, :m].transpose(1, 2)).transpose(1, 2)
+        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
         gamma = self._solve_masked(system[:, :m, :m], rhs, valid)
         z_next = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
         z_next = z_next.squeeze(1)
@@ -206,14 +230,14 @@ class Anderson:
             torch.where(rej, self._plain(g_prev, a_prev), z_next, out=z_next)
             torch.where(rej, g_prev, gf, out=g_prev)
             torch.where(rej, a_prev, af, out=a_prev)
-        state = (dg_hist, dz_hist, system, g_prev, a_prev, remember(r_prev, r, reject), checked, counts, False)
+        state = (dg_hist, dz_hist, system, g_prev, a_prev, remember(r_prev, r, reject), checked, counts, "guarded")
         return z_next.view(z.shape), state
 
     def compact(self, state: State, keep: Tensor) -> State:
         """Drop halted rows; the history moves in place (see `keep_rows`), not copied."""
         dg_hist, dz_hist, system, g_prev, a_prev, *rest = state
         ok = is_ascending(keep)
-        owned = self.safeguard   # (textbook: g_prev, a_prev are views of the loop's tensors)
+        owned = rest[-1] == "guarded"   # (otherwise g_prev, a_prev are views of the loop's tensors)
         return (keep_rows(dg_hist, keep, ok), keep_rows(dz_hist, keep, ok), system.index_select(0, keep),
                 keep_rows(g_prev, keep, ok and owned), keep_rows(a_prev, keep, ok and owned),
                 *(t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest))
@@ -222,7 +246,7 @@ class Anderson:
         """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
         no host sync; slots are written per row with index_put and read through masks."""
         dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, zeroed = state
-        if not zeroed:   # (once) slots not yet written must hold finite numbers: they meet 0·x
+        if zeroed is not True:   # (once) slots not yet written must hold finite numbers: they meet 0·x
             dg_hist.zero_()
             dz_hist.zero_()
         m, rows = self.m, torch.arange(z.shape[0], device=z.device)

@@ -45,7 +45,7 @@ class Broyden:
     step, at most 5 times; each trial costs one evaluation of f); False gives the textbook
     iteration. Memory (measured, benchmarks/memory_solvers.py): 2·memory state-sized vectors
     per sample, plus 2 (g and z of the last accepted point) and about 5 of step temporaries
-    at the peak: 36.6 state-sized buffers at memory = 15 (36.4 with line_search=False);
+    at the peak: 36.6 state-sized buffers at memory = 15 (either line_search);
     halted rows are dropped in place (never two copies of the pairs).
     """
 
@@ -65,8 +65,10 @@ class Broyden:
         b, n = z.shape[0], z[0].numel()
         u = z.new_empty(b, self.memory, n)   # slots [:count] are valid; the rest is never read
         v = z.new_empty(b, self.memory, n)
-        # Then the pair count (int), per sample the residual norm at the last accepted point
-        # and the step length of the current trial, and whether u, v were zeroed (per row).
+        # Then the pair count (int), per sample the residual norms at the last accepted points
+        # and the step length of the current trial; last, the mode: "calm" (no sample
+        # backtracking: g_prev, z_prev are the loop's tensors), "guarded" (own copies, updated
+        # in place), or True once per-row stepping has zeroed u and v (it reads every pair).
         return (u, v, g.reshape(b, n), z.reshape(b, n), 0, z.new_zeros(b, WINDOW), z.new_ones(b), False)
 
     def compact(self, state: State, keep: Tensor) -> State:
@@ -84,14 +86,14 @@ class Broyden:
             if count:
                 u2[:, :count] = u[:, :count].index_select(0, keep)
                 v2[:, :count] = v[:, :count].index_select(0, keep)
-        owned = ok and self.line_search   # (textbook: views of the loop's g and z)
+        owned = ok and rest[-1] == "guarded"   # (otherwise views of the loop's g and z)
         rest = [t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest]
         return (u2, v2, keep_rows(g_prev, keep, owned), keep_rows(z_prev, keep, owned), count, *rest)
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
         if isinstance(k, Tensor):
             return self._step_rows(state, z, fz, g, k)
-        u_hist, v_hist, g_prev, z_prev, count, r_prev, t, _ = state
+        u_hist, v_hist, g_prev, z_prev, count, r_prev, t, mode = state
         b = z.shape[0]
         gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
         r = torch.linalg.vector_norm(gf.detach(), dim=2).squeeze(1) if self.line_search else None
@@ -100,15 +102,22 @@ class Broyden:
         # saved for backward is overwritten (write_slot copies the history instead).
         recording = torch.is_grad_enabled() and g.requires_grad
         if k == 0:  # H = -I: the Newton step -H g is g, i.e. plain iteration
-            g_prev, z_prev = gf.view(b, -1), zf.view(b, -1)
             if r is not None:
                 r_prev = r.unsqueeze(1).expand(b, WINDOW)
-                if not recording:   # (own copies, updated in place by the line search)
-                    g_prev, z_prev = g_prev.clone(), z_prev.clone()
-            return fz, (u_hist, v_hist, g_prev, z_prev, 0, r_prev, t, False)
+            return fz, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), 0, r_prev, t, "calm")
         if count == self.memory:  # memory full: restart from H = -I
             count = 0
-        reject = self._reject(r, r_prev, t) if self.line_search else None
+        if not self.line_search:
+            reject = None
+        elif mode == "calm":   # (every t is 1: Armijo's test alone)
+            reject = ~(r <= (1.0 - ARMIJO) * r_prev.amax(1))
+        else:
+            reject = self._reject(r, r_prev, t)
+        if reject is not None:
+            if not bool(reject.any()):   # (one host sync) no sample backtracks: a plain step
+                reject = None
+            elif mode != "guarded" and not recording:   # (own the anchors: updated in place)
+                g_prev, z_prev, mode = g_prev.clone(), z_prev.clone(), "guarded"
         # With the line search, a rejected sample steps again from its accepted point z_a
         # (with g_a), the estimate updated by the trial all the same (a true secant pair).
         rej = None if reject is None else reject.view(b, 1, 1)
@@ -148,13 +157,19 @@ class Broyden:
         # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = f(z) - Σ u_i (v_i·g).
         gv = torch.bmm(zt_h, g_from.transpose(1, 2))
         if rej is None:
+            # (with the line search, z + p as below, so that every path rounds alike)
+            first = gf if self.line_search else fz.reshape(new_u.shape)
             if not count:
-                z_next = torch.addcmul(fz.reshape(new_u.shape), gv, new_u, value=-1.0)
+                z_next = torch.addcmul(first, gv, new_u, value=-1.0)
             elif recording:
-                z_next = torch.addcmul(fz.reshape(new_u.shape) - comb[:, 1:], gv, new_u, value=-1.0)
+                z_next = torch.addcmul(first - comb[:, 1:], gv, new_u, value=-1.0)
             else:
-                z_next = torch.sub(fz.reshape(new_u.shape), comb[:, 1:]).addcmul_(gv, new_u, value=-1.0)
-            return z_next.view_as(fz), (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1, r, t, False)
+                z_next = torch.sub(first, comb[:, 1:]).addcmul_(gv, new_u, value=-1.0)
+            if self.line_search:
+                z_next = z_next + zf if recording else z_next.add_(zf)
+                r_prev = torch.cat((r_prev[:, 1:], r.unsqueeze(1)), 1)
+                t = t if mode == "calm" else torch.ones_like(t)
+            return z_next.view_as(fz), (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1, r_prev, t, "calm")
         # z⁺ = z_a + t·p (a rejected sample: its accepted point, t halved) or z + p.
         if not count:
             p = torch.addcmul(g_from, gv, new_u, value=-1.0)
@@ -169,7 +184,7 @@ class Broyden:
             g_prev.copy_(g_from.view(b, -1))
             torch.where(reject.view(b, 1), z_prev, zf.view(b, -1), out=z_prev)
         z_next = torch.addcmul(z_prev.unsqueeze(1), t.view(b, 1, 1), p)
-        state = (u_hist, v_hist, g_prev, z_prev, count + 1, remember(r_prev, r, reject), t, False)
+        state = (u_hist, v_hist, g_prev, z_prev, count + 1, remember(r_prev, r, reject), t, mode)
         return z_next.view_as(fz), state
 
     @staticmethod
@@ -196,7 +211,7 @@ class Broyden:
         no host sync. Row i writes pair (k_i - 1) mod memory and reads the pairs before it,
         which is exactly the restart rule of the shared count."""
         u_hist, v_hist, g_prev, z_prev, _, r_prev, t, zeroed = state
-        if not zeroed:   # (once) pairs not yet written must hold finite numbers: they meet 0·x
+        if zeroed is not True:   # (once) pairs not yet written must hold finite numbers: they meet 0·x
             u_hist.zero_()
             v_hist.zero_()
         b, mem = z.shape[0], self.memory
