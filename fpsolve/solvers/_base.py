@@ -22,7 +22,16 @@ class Solver(Protocol):
 
     `z` is the current iterate `[b, ...]`, `fz = f(z)`, `g = fz - z`, and `k` counts the
     evaluations already made for these rows, minus one (0 at the first step). Steps run under
-    `torch.no_grad()`; a solver may update its own state buffers in place.
+    `torch.no_grad()` (with grad for `Unroll`); a solver may update its own state buffers in
+    place when autograd is not recording.
+
+    Per-row stepping (`fpsolve.stream`, fixed shapes): `k` may also be an int64 tensor `[b]`
+    of per-row counts; `k[i] == 0` means row i holds a new sample, whose step must ignore the
+    row's history exactly as if `init` had been called for that row alone. Such a step does
+    no host sync and has no data-dependent shape (it may run under torch.compile), and each
+    row follows the trajectory of the int-k path. A solver that supports this says so with
+    the class attribute `per_row = True` (optional, so not a protocol member: a solver
+    without it is still a Solver); `stream` rejects one without it.
     """
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State: ...
@@ -33,6 +42,30 @@ class Solver(Protocol):
 def compact(state: State, index: Tensor) -> State:
     """Keep the rows `index` of every tensor in a solver state (other entries unchanged)."""
     return tuple(s.index_select(0, index) if isinstance(s, Tensor) else s for s in state)
+
+
+def keep_rows(buf: Tensor, keep: Tensor, sorted_keep: bool) -> Tensor:
+    """buf.index_select(0, keep), in place when it is safe: the kept rows move to the front of
+    buf through a temporary of an eighth of it, and buf[:len(keep)] is returned.
+
+    (A copy would hold the old and the new state at once: twice the solver's memory at every
+    compaction.) Needs keep ascending (`sorted_keep`, checked once per compaction by the caller)
+    and autograd not recording; then row keep[i] >= i, so a chunk never overwrites a source
+    row of a later chunk. The storage is not shrunk: the memory is held until the solve ends.
+    """
+    if not sorted_keep or torch.is_grad_enabled() or buf.requires_grad:
+        return buf.index_select(0, keep)
+    n = keep.shape[0]
+    step = max(1, -(-n // 8))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        buf.narrow(0, i, j - i).copy_(buf.index_select(0, keep[i:j]))
+    return buf.narrow(0, 0, n)
+
+
+def is_ascending(keep: Tensor) -> bool:
+    """Whether the row indices increase strictly (one host sync; compaction is the slow path)."""
+    return keep.shape[0] < 2 or bool((keep[1:] > keep[:-1]).all())
 
 
 def check_positive(name: str, value: object, *, integer: bool = False, at_most: float | None = None) -> None:
@@ -47,6 +80,10 @@ def check_positive(name: str, value: object, *, integer: bool = False, at_most: 
             want += f" no larger than {at_most}"
         raise ValueError(f"{name} must be {want}; got {value!r}.")
 
+
+def remember(recent: Tensor, r: Tensor, reject: Tensor) -> Tensor:
+    """recent [b, w], oldest first, with r appended (and the oldest dropped) where not reject."""
+    return torch.where(reject.unsqueeze(1), recent, torch.cat((recent[:, 1:], r.unsqueeze(1)), 1))
 
 
 def flat(t: Tensor) -> Tensor:

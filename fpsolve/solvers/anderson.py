@@ -7,6 +7,15 @@ Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. 
 and step  z⁺ = z + β g - (ΔZ + β ΔG) γ.
 The Gram matrix ΔGᵀΔG is updated one row per step (one bmm against the new column), and the
 small systems of all active samples are solved in one batched call over the filled slots.
+
+The safeguard, after Zhang, O'Donoghue & Boyd, "Globally convergent type-I Anderson
+acceleration for nonsmooth fixed-point iterations", SIAM J. Optim. 30 (2020) (as in the SCS
+solver): per sample, an accelerated iterate whose residual is not below the largest residual
+of the last WINDOW accepted points is rejected; the next iterate is the plain (damped) step
+from the point it came from, already known (no extra evaluation of f); the history restarts
+there, and after the s-th rejection 2^s - 2 more plain steps are taken before accelerating
+again. A plain step that raises the residual by more than DISARM shows that plain iteration
+does not contract there, and the sample continues with the textbook iteration.
 """
 from __future__ import annotations
 
@@ -16,7 +25,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, flat, write_slot
+from ._base import State, check_positive, flat, is_ascending, keep_rows, remember, write_slot
+
+#: A plain step that multiplies a sample's residual by more than this shows that plain
+#: iteration does not contract there: the safeguard is switched off for that sample.
+DISARM = 1.25
+#: The nonmonotone window: an accelerated iterate is measured against the largest residual
+#: of the last WINDOW accepted points (Grippo, Lampariello & Lucidi, SIAM J. Numer. Anal. 23
+#: (1986)), so the rises that Anderson recovers from on a badly scaled problem are let through.
+WINDOW = 10
 
 
 @dataclass(frozen=True)
@@ -25,18 +42,29 @@ class Anderson:
 
     `beta`: mixing (damping) factor; `regularization`: λ, relative to each history column's
     squared norm (default 1e-5 in float32, 1e-10 in float64). A sample whose small system
-    cannot be solved gets a plain damped step; the others are unaffected.
+    cannot be solved gets a plain damped step; the others are unaffected. `safeguard`: a
+    sample whose accelerated iterate does not lower its residual falls back to the plain step
+    from the point before (see the module docstring); False gives the textbook iteration.
+    Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
+    2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
+    12.9 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
+    in place (never two copies of the history).
     """
 
     m: int = 5
     beta: float = 1.0
     regularization: Optional[float] = None
+    safeguard: bool = True
+
+    per_row = True   # (a class attribute, not a field) step() accepts a per-row k tensor
 
     def __post_init__(self) -> None:
         check_positive("Anderson(m=...)", self.m, integer=True)
         check_positive("Anderson(beta=...)", self.beta, at_most=2.0)
         if self.regularization is not None:
             check_positive("Anderson(regularization=...)", self.regularization)
+        if not isinstance(self.safeguard, bool):
+            raise ValueError(f"Anderson(safeguard=...) must be True or False; got {self.safeguard!r}.")
 
     def _lambda(self, dtype: torch.dtype) -> float:
         if self.regularization is not None:
@@ -48,22 +76,56 @@ class Anderson:
         dg_hist = z.new_empty(b, m, n)   # slots [:filled] are valid; the rest is never read
         dz_hist = z.new_empty(b, m, n)   # columns Δz + β Δg
         system = z.new_zeros(b, m, m)    # ΔGᵀΔG with its ridge on the diagonal
-        return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)))
+        # Then per sample: the residuals of the last accepted points, whether the current
+        # iterate is an accelerated one (to be checked), and its counters (see `_guard`); last,
+        # the mode: "calm" (no rejection yet: no per-sample bookkeeping), "guarded", or True
+        # once per-row stepping has zeroed the history (it reads every slot).
+        return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)), z.new_zeros(b, WINDOW),
+                torch.zeros(b, dtype=torch.bool, device=z.device),
+                torch.zeros(b, 4, dtype=torch.int64, device=z.device), False)
 
     def _anchor(self, z: Tensor, fz: Tensor) -> Tensor:
         """The vector whose differences form the ΔZ + βΔG columns: f(z) itself when β = 1."""
         return fz if self.beta == 1.0 else z
 
-    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
-        dg_hist, dz_hist, system, g_prev, a_prev = state
+    def _plain(self, g: Tensor, a: Tensor) -> Tensor:
+        """The plain damped step z + βg from (g, anchor a) of one point."""
+        return a if self.beta == 1.0 else a.add(g, alpha=self.beta)
+
+    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
+        if isinstance(k, Tensor):
+            return self._step_rows(state, z, fz, g, k)
+        if self.safeguard:
+            return self._step_safeguarded(state, z, fz, g, k)
+        dg_hist, dz_hist, system, g_prev, a_prev, *extra = state
+        gf, af = flat(g), flat(self._anchor(z, fz))
+        if k == 0:  # no history yet: a plain (damped) step
+            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, *extra)
+        z_next, dg_hist, dz_hist, system = self._accelerate(dg_hist, dz_hist, system, g_prev, a_prev, z, fz, g, k)
+        return z_next, (dg_hist, dz_hist, system, gf, af, *extra)
+
+    def _accelerate(self, dg_hist: Tensor, dz_hist: Tensor, system: Tensor, g_prev: Tensor, a_prev: Tensor,
+                    z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The textbook step k >= 1 with every filled slot: (z⁺, history, Gram system)."""
         gf, af = flat(g), flat(self._anchor(z, fz))
         base = fz if self.beta == 1.0 else z.add(g, alpha=self.beta)
-        if k == 0:  # no history yet: a plain (damped) step
-            return base, (dg_hist, dz_hist, system, gf, af)
-
         m = min(k, self.m)           # filled slots
         j = (k - 1) % self.m         # the slot this step writes
-        recording = torch.is_grad_enabled() and g.requires_grad   # Unroll: no in-place on saved tensors
+        dg_hist, dz_hist, system, hist_t, recording = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
+        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
+        # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
+        # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
+        # its residual did not change) gets non-finite coefficients, zeroed: a plain step.
+        gamma = torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
+        gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
+        z_next = torch.baddbmm(flat(base).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
+        return z_next.view(base.shape), dg_hist, dz_hist, system
+
+    def _write(self, dg_hist: Tensor, dz_hist: Tensor, system: Tensor, gf: Tensor, af: Tensor,
+               g_prev: Tensor, a_prev: Tensor, j: int, m: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        """Write the new columns into slot j and its Gram row against the m filled slots;
+        returns the history, the system, ΔGᵀ of the filled slots, and whether autograd records."""
+        recording = torch.is_grad_enabled() and gf.requires_grad   # Unroll: no in-place on saved tensors
         if recording:
             dg = gf - g_prev
             col = af - a_prev if self.beta == 1.0 else (af - a_prev) + self.beta * dg
@@ -74,22 +136,149 @@ class Anderson:
             col = torch.sub(af, a_prev, out=dz_hist[:, j])       # Δf (β = 1) or Δz
             if self.beta != 1.0:
                 col.add_(dg, alpha=self.beta)
-        # New Gram row (column j against all) and the right-hand side ΔGᵀg. (bmm with the
-        # thin operand first is several times faster than with the history first.)
+        # New Gram row (column j against all filled). (bmm with the thin operand first is
+        # several times faster than with the history first.)
         hist_t = dg_hist[:, :m].transpose(1, 2)
         row = torch.bmm(dg.unsqueeze(1), hist_t).squeeze(1)
-        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
         # The ridge is relative to each column's own squared norm (Levenberg-Marquardt
         # scaling): the diagonally scaled system has eigenvalues in [λ, m + λ], so it stays
         # well conditioned, and only the new column's diagonal entry changes.
-        row[:, j] *= 1.0 + self._lambda(z.dtype)   # (autograd-safe: bmm saves only its inputs)
+        row[:, j] *= 1.0 + self._lambda(gf.dtype)   # (autograd-safe: bmm saves only its inputs)
         system = write_slot(system, (slice(None), j, slice(0, m)), row)
         system = write_slot(system, (slice(None), slice(0, m), j), row)
-        # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
-        # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
-        # its residual did not change) gets non-finite coefficients, zeroed: a plain step.
-        gamma = torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
-        gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
-        z_next = torch.baddbmm(flat(base).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
-        z_next = z_next.view(base.shape)
-        return z_next, (dg_hist, dz_hist, system, gf, af)
+        return dg_hist, dz_hist, system, hist_t, recording
+
+    def _solve_masked(self, system: Tensor, rhs: Tensor, valid: Tensor) -> Tensor:
+        """γ from the system restricted, per sample, to its valid slots (γ = 0 elsewhere).
+
+        Invalid rows and columns are replaced by those of the identity and their right-hand
+        side by 0, which decouples them exactly. Non-finite solutions become 0 (a plain step)."""
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
+        gamma = torch.linalg.solve_ex(torch.where(pair, system, eye), torch.where(valid.unsqueeze(2), rhs, 0.0))[0]
+        return gamma.nan_to_num(0.0, 0.0, 0.0)
+
+    def _guard(self, r: Tensor, r_prev: Tensor, checked: Tensor, counts: Tensor,
+               fresh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The safeguard's per-sample decision: (reject, counts, accelerate?, check next?).
+
+        counts [b, 4] (int64): valid history columns, plain steps still to take, rejections
+        (-1: safeguard off), whether the current point came from a plain step. r_prev [b,
+        WINDOW]: residuals of the last accepted points (nan fails the test). The plain steps
+        after a rejection keep filling the history, so that acceleration resumes with it."""
+        n_valid, wait, strikes, fell = counts.unbind(1)
+        disarm = (fell > 0) & ~(r <= DISARM * r_prev[:, -1])
+        strikes = torch.where(disarm, -1, strikes)
+        reject = checked & ~(r < r_prev.amax(1)) & (strikes >= 0)
+        if fresh is not None:
+            reject = reject & ~fresh
+        strikes = strikes + reject
+        wait = torch.where(reject, torch.bitwise_left_shift(1, strikes.clamp(0, 30)) - 1,
+                           torch.where(disarm, 0, wait - 1).clamp_(min=0))
+        n_valid = torch.where(reject, 0, (n_valid + 1).clamp_(max=self.m))
+        if fresh is not None:
+            n_valid, wait, strikes = (torch.where(fresh, 0, t) for t in (n_valid, wait, strikes))
+        use = (wait == 0) & (n_valid > 0)
+        fell = (~use).long()
+        return reject, torch.stack((n_valid, wait, strikes, fell), 1), use, use & (strikes >= 0)
+
+    def _step_safeguarded(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
+        dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, mode = state
+        gf, af = flat(g), flat(self._anchor(z, fz))
+        r = torch.linalg.vector_norm(gf.detach(), dim=1)
+        recording = torch.is_grad_enabled() and g.requires_grad
+        if k == 0:
+            r_prev = r.unsqueeze(1).expand(-1, WINDOW)
+            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, "calm")
+        if mode == "calm":
+            # Until a first rejection, every sample accelerates with its whole history, and
+            # the step is the textbook one plus a residual test and one host sync (a bool).
+            if k == 1:   # the first step was plain: where it raised the residual by more than
+                checked = r <= DISARM * r_prev[:, -1]   # DISARM, the safeguard stands down
+                calm = True
+            else:
+                calm = not bool((checked & ~(r < r_prev.amax(1))).any())
+            if calm:
+                z_next, dg_hist, dz_hist, system = self._accelerate(dg_hist, dz_hist, system, g_prev, a_prev, z, fz, g, k)
+                r_prev = torch.cat((r_prev[:, 1:], r.unsqueeze(1)), 1)
+                return z_next, (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, "calm")
+            # The first rejection: the per-sample bookkeeping from here on (see `_guard`).
+            b = z.shape[0]
+            counts = torch.zeros(b, 4, dtype=torch.int64, device=z.device)
+            counts[:, 0] = min(k - 1, self.m)
+            counts[:, 2] = torch.where(checked, 0, -1)
+            if not recording:   # (own copies of the last point, updated in place below)
+                g_prev, a_prev = g_prev.clone(), a_prev.clone()
+        reject, counts, use, checked = self._guard(r, r_prev, checked, counts)
+        m = min(k, self.m)
+        j = (k - 1) % self.m
+        dg_hist, dz_hist, system, hist_t, _ = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
+        # Slot i was written (j - i) mod m steps ago; it is valid while younger than n_valid.
+        age = torch.remainder(j - torch.arange(m, device=z.device), self.m)
+        valid = (age < counts[:, :1]) & use.unsqueeze(1)
+        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
+        gamma = self._solve_masked(system[:, :m, :m], rhs, valid)
+        z_next = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
+        z_next = z_next.squeeze(1)
+        # A rejected sample goes back to the point the rejected iterate came from and takes
+        # its plain step (known already: no extra evaluation); that point stays its last.
+        rej = reject.unsqueeze(1)
+        if recording:
+            z_next = torch.where(rej, self._plain(g_prev, a_prev), z_next)
+            g_prev, a_prev = torch.where(rej, g_prev, gf), torch.where(rej, a_prev, af)
+        else:
+            torch.where(rej, self._plain(g_prev, a_prev), z_next, out=z_next)
+            torch.where(rej, g_prev, gf, out=g_prev)
+            torch.where(rej, a_prev, af, out=a_prev)
+        state = (dg_hist, dz_hist, system, g_prev, a_prev, remember(r_prev, r, reject), checked, counts, "guarded")
+        return z_next.view(z.shape), state
+
+    def compact(self, state: State, keep: Tensor) -> State:
+        """Drop halted rows; the history moves in place (see `keep_rows`), not copied."""
+        dg_hist, dz_hist, system, g_prev, a_prev, *rest = state
+        ok = is_ascending(keep)
+        owned = rest[-1] == "guarded"   # (otherwise g_prev, a_prev are views of the loop's tensors)
+        return (keep_rows(dg_hist, keep, ok), keep_rows(dz_hist, keep, ok), system.index_select(0, keep),
+                keep_rows(g_prev, keep, ok and owned), keep_rows(a_prev, keep, ok and owned),
+                *(t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest))
+
+    def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
+        """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
+        no host sync; slots are written per row with index_put and read through masks."""
+        dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, zeroed = state
+        if zeroed is not True:   # (once) slots not yet written must hold finite numbers: they meet 0·x
+            dg_hist.zero_()
+            dz_hist.zero_()
+        m, rows = self.m, torch.arange(z.shape[0], device=z.device)
+        gf, af = flat(g), flat(self._anchor(z, fz))
+        fresh = k == 0
+        r = torch.linalg.vector_norm(gf, dim=1)
+        if self.safeguard:
+            reject, counts, use, checked = self._guard(r, r_prev, checked, counts, fresh)
+        else:
+            reject, use = torch.zeros_like(fresh), ~fresh
+            counts = torch.where(fresh.unsqueeze(1), 0, counts + torch.tensor([1, 0, 0, 0], device=z.device)).clamp_(max=m)
+            checked = use
+        j = torch.remainder(k - 1, m)
+        # The new columns (zeros for fresh rows; non-finite entries zeroed so that a diverged
+        # sample never poisons the slot's next tenant).
+        dg = torch.where(fresh.unsqueeze(1), 0.0, gf - g_prev).nan_to_num_(0.0, 0.0, 0.0)
+        col = torch.where(fresh.unsqueeze(1), 0.0, af - a_prev).nan_to_num_(0.0, 0.0, 0.0)
+        if self.beta != 1.0:
+            col.add_(dg, alpha=self.beta)
+        dg_hist.index_put_((rows, j), dg)
+        dz_hist.index_put_((rows, j), col)
+        row = torch.bmm(dg.unsqueeze(1), dg_hist.transpose(1, 2)).squeeze(1)
+        ridge = (torch.arange(m, device=z.device) == j.unsqueeze(1)).to(z.dtype).mul_(self._lambda(z.dtype)).add_(1.0)
+        row = row * ridge   # (1 + λ on the new column's diagonal)
+        system.index_put_((rows, j), row)
+        system.transpose(1, 2).index_put_((rows, j), row)
+        valid = (torch.remainder(j.unsqueeze(1) - torch.arange(m, device=z.device), m) < counts[:, :1]) & use.unsqueeze(1)
+        rhs = torch.bmm(gf.unsqueeze(1), dg_hist.transpose(1, 2)).transpose(1, 2)
+        gamma = self._solve_masked(system, rhs, valid)
+        z_acc = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist, alpha=-1.0).squeeze(1)
+        rej = reject.unsqueeze(1)
+        z_next = torch.where(rej, self._plain(g_prev, a_prev), z_acc)
+        state = (dg_hist, dz_hist, system, torch.where(rej, g_prev, gf), torch.where(rej, a_prev, af),
+                 torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)), checked, counts, True)
+        return z_next.view(z.shape), state

@@ -18,13 +18,15 @@ class FixedPointIteration:
 
     damping: float = 1.0
 
+    per_row = True   # (a class attribute, not a field) step() accepts a per-row k tensor
+
     def __post_init__(self) -> None:
         check_positive("FixedPointIteration(damping=...)", self.damping, at_most=2.0)
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State:
         return ()
 
-    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
+    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
         if self.damping == 1.0:
             return fz, state
         return z.add(g, alpha=self.damping), state
