@@ -126,7 +126,17 @@ class _Rows:
 
 
 def _same_structure_leaves(batch: Any, leaves: List[Tensor]) -> bool:
-    return isinstance(batch, (Tensor, tuple, list, dict))
+    return isinstance(batch, (Tensor, tuple, list, dict)) and len(leaves) == _count_leaves(batch)
+
+
+def _count_leaves(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return 1
+    if isinstance(x, dict):
+        return sum(_count_leaves(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return sum(_count_leaves(v) for v in x)
+    return 1   # (a non-tensor leaf: counted, so the structure check fails)
 
 
 def _batch_size(batch: Any) -> int:
@@ -204,7 +214,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     _check_choice("norm", norm, NORMS)
     rule, other = make_criterion(criterion, atol, rtol, norm)
     solver_obj = make_solver(solver)
-    if not getattr(solver_obj, "per_row", False) and not _stateless(solver_obj):
+    if not getattr(solver_obj, "per_row", False):
         raise TypeError(
             f"stream: solver {solver_obj!r} cannot restart single rows (no `per_row = True`); "
             f"use a built-in solver ('fixed_point', 'anderson', 'broyden')."
@@ -331,11 +341,6 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
                 _write_rows(x_slots, idle, select_rows(x_slots, src))
                 z = z.index_copy(0, idle, z.index_select(0, src))
                 age = age.index_fill(0, idle, 0)
-
-
-def _stateless(solver: Any) -> bool:
-    from .solvers import FixedPointIteration
-    return isinstance(solver, FixedPointIteration)
 
 
 def _dev_of(x: Any) -> torch.device:

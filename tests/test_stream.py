@@ -158,6 +158,17 @@ def test_bad_arguments_are_clear_errors():
         list(fpsolve.stream(lambda z, x: z, [(xs, xs)]))
     with pytest.raises(TypeError, match="unknown"):
         fpsolve.solve_stream(f, [xs], halting="batch")
+    with pytest.raises(TypeError, match="tensor"):
+        list(fpsolve.stream(lambda z, x: z, [(xs, ["a"] * 6)], z0=torch.zeros(1, 3)))
+
+    class NoRows:   # a custom solver without per-row support
+        def init(self, z, fz, g):
+            return ()
+
+        def step(self, state, z, fz, g, k):
+            return fz, state
+    with pytest.raises(TypeError, match="per_row"):
+        list(fpsolve.stream(f, [xs], solver=NoRows()))
 
 
 def test_a_compiled_f_never_recompiles_over_the_whole_stream():
