@@ -175,9 +175,13 @@ def test_a_compiled_f_never_recompiles_over_the_whole_stream():
     """Refills and the tail included: f sees one shape, so dynamo compiles once."""
     torch._dynamo.reset()
     W = torch.randn(8, 8) * 0.1
-    f = torch.compile(lambda z, x: torch.tanh(z @ W + x), backend="eager")
+    f = torch.compile(lambda z, x: torch.tanh(z @ W + x))          # inductor (CPU here)
     xs = torch.randn(37, 8)
+    batches = [xs[:10], xs[10:30], xs[30:]]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        sol = fpsolve.solve_stream(f, [xs[:10], xs[10:30], xs[30:]], slots=8, solver="fixed_point",
-                                   rtol=1e-5, check_every=2)
-    assert sol.converged.all()
+        sol = fpsolve.solve_stream(f, batches, slots=8, solver="fixed_point", rtol=1e-5, check_every=2)
+        sol2 = fpsolve.solve_stream(f, batches, slots=8, solver="anderson", rtol=1e-5, check_every=3)
+    assert sol.converged.all() and sol2.converged.all()
+    eager = fpsolve.solve_stream(lambda z, x: torch.tanh(z @ W + x), batches, slots=8, solver="fixed_point",
+                                 rtol=1e-5, check_every=2)
+    assert torch.equal(sol.iterations, eager.iterations)
