@@ -250,18 +250,23 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     dims = tuple(range(1, z.ndim))
     floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
     done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
+    bshape = (-1,) + (1,) * (z.ndim - 1)
     K = check_every
     ring_z = z.new_empty((K,) + tuple(z.shape))     # the last K iterates of every slot
     ring_r = z.new_empty(K, S)                       # ||f(z) - z|| at them
     ring_f = z.new_empty(K, S)                       # ||f(z)|| at them
     ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion object's verdicts
+    flat_z = ring_z.view(K * S, -1)                  # (row p*S + i: pass p of slot i)
+    rz, rr, rf, rm = ring_z.unbind(0), ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
     # Each slot's best iterate so far (nan: none yet), merged from the ring at every check.
     best_z, best_r = z.clone(), torch.full((S,), math.nan, dtype=wdt, device=dev)
     limit = torch.empty(S, dtype=wdt, device=dev)
+    fresh = torch.ones(S, dtype=torch.bool, device=dev)   # slots whose sample starts this window
     neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
     state = None
     steps = torch.arange(K, device=dev).view(K, 1)
-    bshape = (-1,) + (1,) * (z.ndim - 1)
+    slot_ids = torch.arange(S, device=dev)
+    codes_dtype = dict(dtype=torch.int64, device=dev)
     if rule.norm == "l2":
         norm_into = lambda t, out: torch.linalg.vector_norm(t, dim=dims, out=out)  # noqa: E731
     else:
@@ -270,68 +275,62 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     while True:
         # ---- K passes with fixed shapes and no host sync: f, two norms, one copy, the step --
         ages = age.unsqueeze(0) + steps                            # [K, S]: k of each pass
+        ks = ages.unbind(0)
         for p in range(K):
             fz = _call(fn, z, x_slots, S)
             g = fz - z
-            norm_into(g, ring_r[p])
-            norm_into(fz, ring_f[p])
-            ring_z[p].copy_(z)
+            norm_into(g, rr[p])
+            norm_into(fz, rf[p])
+            rz[p].copy_(z)
             if halt is not None:
-                met, hstate = halt(z, fz, other.reset(hstate, ages[p] == 0))
-                ring_met[p].copy_(met)
+                met, hstate = halt(z, fz, other.reset(hstate, ks[p] == 0))
+                rm[p].copy_(met)
             if state is None:
                 state = solver_obj.init(z, fz, g)
-            z, state = solver_obj.step(state, z, fz, g, ages[p])
+            z, state = solver_obj.step(state, z, fz, g, ks[p])
             if round_fn is not None:
                 z = round_fn(z)
         # ---- the check: statuses of the window, emit what stopped, refill the slots -------
-        fresh = age == 0
-        limit = torch.where(fresh, torch.clamp_min(ring_r[0] + ring_f[0], floor) * DIVERGENCE_FACTOR, limit)
+        limit = torch.where(fresh, torch.clamp_min(rr[0] + rf[0], floor) * DIVERGENCE_FACTOR, limit)
+        fresh.fill_(False)
         age = age + K
         met = torch.addcmul(ring_r, ring_f, neg_rtol) <= rule.atol if halt is None else ring_met
-        bad = ~(ring_r <= limit)
-        stopped = met | bad | (ages + 1 >= max_iter)
-        first_stop = torch.where(stopped, steps, K).amin(dim=0)    # K: none in this window
-        any_stop = (first_stop < K) & active
-        valid = steps <= first_stop                                # passes that belong to the sample
-        # Each sample's best over the window (for MAX_ITER / DIVERGED), merged with earlier ones.
-        masked = torch.where(valid & ~torch.isnan(ring_r), ring_r, math.inf)
-        w_best = masked.argmin(dim=0)
-        w_r = ring_r.gather(0, w_best.view(1, S)).squeeze(0)
+        bad = ~(ring_r <= limit)                                   # non-finite, or blown up
+        # status per pass (-1: runs on); a sample stops at its first pass with a status
+        code = torch.where(met, done_code, torch.where(ages >= max_iter - 1, int(Status.MAX_ITER), -1))
+        code = torch.where(bad, int(Status.DIVERGED), code)
+        first_stop = torch.where(code >= 0, steps, K).amin(dim=0)    # K: none in this window
+        # each sample's best over the window's passes up to its stop, merged with earlier ones
+        w_r, w_best = torch.where(steps <= first_stop, ring_r.nan_to_num(math.inf), math.inf).min(dim=0)
         better = (w_r < best_r) | torch.isnan(best_r)
-        gather_z = lambda t: ring_z.gather(0, t.view((1, S) + (1,) * (z.ndim - 1)).expand((1,) + tuple(z.shape))).squeeze(0)  # noqa: E731
-        best_z = torch.where(better.view(bshape), gather_z(w_best), best_z)
-        best_r = torch.where(better, w_r, best_r)
-        emit_rows = any_stop.nonzero().squeeze(1)                   # the one host sync of a check
+        best_z = torch.where(better.view(bshape), flat_z.index_select(0, w_best * S + slot_ids).view_as(best_z), best_z)
+        best_r = torch.where(better, ring_r.gather(0, w_best.unsqueeze(0)).squeeze(0), best_r)
+        emit_rows = ((first_stop < K) & active).nonzero().squeeze(1)   # the one host sync of a check
         n_emit = emit_rows.numel()
         if n_emit:
             fs = first_stop.index_select(0, emit_rows)
-            at = fs.view(1, -1)
-            bad_fs = bad.index_select(1, emit_rows).gather(0, at).squeeze(0)
-            met_fs = met.index_select(1, emit_rows).gather(0, at).squeeze(0)
-            codes = torch.where(met_fs & ~bad_fs, done_code, int(Status.MAX_ITER))
-            codes = torch.where(bad_fs, int(Status.DIVERGED), codes)
-            at_stop = ring_z.index_select(1, emit_rows).gather(
-                0, fs.view((1, -1) + (1,) * (z.ndim - 1)).expand((1, n_emit) + tuple(z.shape[1:]))).squeeze(0)
-            r_stop = ring_r.index_select(1, emit_rows).gather(0, at).squeeze(0)
+            at = fs * S + emit_rows                                    # flat ring index of each stop
+            codes = code.view(-1).index_select(0, at)
             take_stop = codes == done_code
-            out_z = torch.where(take_stop.view(bshape), at_stop, best_z.index_select(0, emit_rows))
-            out_r = torch.where(take_stop, r_stop, best_r.index_select(0, emit_rows))
-            its = age.index_select(0, emit_rows) - K + fs + 1
+            out_z = torch.where(take_stop.view(bshape), flat_z.index_select(0, at).view((n_emit,) + tuple(z.shape[1:])),
+                                best_z.index_select(0, emit_rows))
+            out_r = torch.where(take_stop, ring_r.view(-1).index_select(0, at), best_r.index_select(0, emit_rows))
+            its = (age - K + 1).index_select(0, emit_rows) + fs
             yield _Chunk(sample.index_select(0, emit_rows), out_z, its, out_r, codes), layout
             # Refill the emitted slots with the next inputs (idle slots copy a live row).
             x_new, n_new = rows.take(n_emit)
-            active[emit_rows] = False
+            active.index_fill_(0, emit_rows, False)
             if n_new:
                 slot = emit_rows[:n_new]
                 _write_rows(x_slots, slot, x_new)
                 z_new = layout.pack(_start_rows(z0, x_new, n_new))
-                z = z.index_copy(0, slot, z_new.to(dtype=wdt, device=dev))
+                z = z.index_copy(0, slot, z_new)
                 age = age.index_fill(0, slot, 0)
                 best_r = best_r.index_fill(0, slot, math.nan)
-                sample = sample.index_copy(0, slot, torch.arange(next_index, next_index + n_new, device=dev))
+                sample = sample.index_copy(0, slot, torch.arange(next_index, next_index + n_new, **codes_dtype))
                 next_index += n_new
-                active[slot] = True
+                active.index_fill_(0, slot, True)
+                fresh.index_fill_(0, slot, True)
             if n_new < n_emit:
                 live = active.nonzero().squeeze(1)
                 if live.numel() == 0:
