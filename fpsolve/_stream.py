@@ -24,7 +24,7 @@ from torch import Tensor
 from ._criteria import make_criterion
 from ._loop import DIVERGENCE_FACTOR, Halt
 from ._solution import Solution, Status
-from ._checks import as_tolerances
+from ._checks import as_bool, as_tolerances
 from ._solve import NORMS, _check_choice, check_max_iter, make_solver
 from ._tree import StateLayout, select_rows, tensors_in
 
@@ -163,7 +163,7 @@ def _cat_rows(pieces: List[Any]) -> Any:
 def _write_rows(dst: Any, index: Tensor, src: Any) -> None:
     """dst[index] = src for every tensor of a structure, in place (fixed shapes)."""
     if isinstance(dst, Tensor):
-        dst.index_copy_(0, index, src.to(device=dst.device))
+        dst.index_copy_(0, index, src if src.device == dst.device else src.to(dst.device))
     elif isinstance(dst, dict):
         for k in dst:
             _write_rows(dst[k], index, src[k])
@@ -201,9 +201,42 @@ def _start_rows(z0: Any, x_rows: Any, n: int) -> Any:
     return out
 
 
+def _window(ring_r: Tensor, ring_f: Tensor, ring_met: Optional[Tensor], flat_z: Tensor, limit: Tensor,
+            age: Tensor, ages: Tensor, best_z: Tensor, best_r: Tensor, active: Tensor,
+            steps: Tensor, slot_ids: Tensor, neg_rtol: Tensor, atol: float, floor: float, max_iter: int,
+            done_code: int) -> Tuple[Tensor, ...]:
+    """The fixed-shape part of a check (no sync): per-pass statuses of the window, each slot's
+    first stop, its best iterate merged, and the slots to emit. Compilable (compile=True)."""
+    K, S = ring_r.shape
+    fresh = age == 0                                             # samples that started this window
+    limit = torch.where(fresh, torch.clamp_min(ring_r[0] + ring_f[0], floor) * DIVERGENCE_FACTOR, limit)
+    met = (torch.addcmul(ring_r, ring_f, neg_rtol) <= atol) if ring_met is None else ring_met
+    bad = ~(ring_r <= limit)                                   # non-finite, or blown up
+    # status per pass (-1: runs on); a sample stops at its first pass with a status
+    code = torch.where(met, done_code, torch.where(ages >= max_iter - 1, int(Status.MAX_ITER), -1))
+    code = torch.where(bad, int(Status.DIVERGED), code)
+    first_stop = torch.where(code >= 0, steps, K).amin(dim=0)    # K: none in this window
+    # Each sample's answer so far: the pass where its criterion held, else its best (smallest
+    # residual over the passes up to its stop, merged with earlier windows' best).
+    at_stop = code.gather(0, first_stop.clamp(max=K - 1).unsqueeze(0)).squeeze(0)
+    at_stop = torch.where(first_stop < K, at_stop, -1)             # status at the first stop
+    done = at_stop == done_code
+    w_r, w_best = torch.where(steps <= first_stop, ring_r.nan_to_num(math.inf), math.inf).min(dim=0)
+    sel = torch.where(done, first_stop, w_best)
+    better = (w_r < best_r) | torch.isnan(best_r) | done | fresh
+    pick = flat_z.index_select(0, sel * S + slot_ids).view_as(best_z)
+    best_z = torch.where(better.view((-1,) + (1,) * (best_z.ndim - 1)), pick, best_z)
+    best_r = torch.where(better, ring_r.gather(0, sel.unsqueeze(0)).squeeze(0), best_r)
+    its = age + 1 + first_stop                                     # evaluations at the stop
+    return limit, age + K, at_stop, its, best_z, best_r, (at_stop >= 0) & active
+
+
+_compiled_window: Optional[Callable[..., Tuple[Tensor, ...]]] = None
+
+
 def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, z0: Any, solver: Any,
                    atol: float, rtol: float, max_iter: int, norm: str, criterion: Any,
-                   check_every: Optional[int]) -> Iterator[Tuple[_Chunk, StateLayout]]:
+                   check_every: Optional[int], compile: bool = False) -> Iterator[Tuple[_Chunk, StateLayout]]:
     """The engine: yields the results of each check as one chunk (tensors, loop layout)."""
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, x); got {type(f).__name__}.")
@@ -220,6 +253,10 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             f"use a built-in solver ('fixed_point', 'anderson', 'broyden')."
         )
 
+    global _compiled_window
+    if compile and _compiled_window is None:
+        _compiled_window = torch.compile(_window, dynamic=False)
+    window = _compiled_window if compile else _window
     rows = _Rows(inputs)
     x_first, n0 = rows.take(slots)
     if x_first is None:
@@ -250,7 +287,6 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     dims = tuple(range(1, z.ndim))
     floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
     done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
-    bshape = (-1,) + (1,) * (z.ndim - 1)
     K = check_every
     ring_z = z.new_empty((K,) + tuple(z.shape))     # the last K iterates of every slot
     ring_r = z.new_empty(K, S)                       # ||f(z) - z|| at them
@@ -261,7 +297,6 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     # Each slot's best iterate so far (nan: none yet), merged from the ring at every check.
     best_z, best_r = z.clone(), torch.full((S,), math.nan, dtype=wdt, device=dev)
     limit = torch.empty(S, dtype=wdt, device=dev)
-    fresh = torch.ones(S, dtype=torch.bool, device=dev)   # slots whose sample starts this window
     neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
     state = None
     steps = torch.arange(K, device=dev).view(K, 1)
@@ -291,47 +326,28 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             if round_fn is not None:
                 z = round_fn(z)
         # ---- the check: statuses of the window, emit what stopped, refill the slots -------
-        limit = torch.where(fresh, torch.clamp_min(rr[0] + rf[0], floor) * DIVERGENCE_FACTOR, limit)
-        fresh.fill_(False)
-        age = age + K
-        met = torch.addcmul(ring_r, ring_f, neg_rtol) <= rule.atol if halt is None else ring_met
-        bad = ~(ring_r <= limit)                                   # non-finite, or blown up
-        # status per pass (-1: runs on); a sample stops at its first pass with a status
-        code = torch.where(met, done_code, torch.where(ages >= max_iter - 1, int(Status.MAX_ITER), -1))
-        code = torch.where(bad, int(Status.DIVERGED), code)
-        first_stop = torch.where(code >= 0, steps, K).amin(dim=0)    # K: none in this window
-        # each sample's best over the window's passes up to its stop, merged with earlier ones
-        w_r, w_best = torch.where(steps <= first_stop, ring_r.nan_to_num(math.inf), math.inf).min(dim=0)
-        better = (w_r < best_r) | torch.isnan(best_r)
-        best_z = torch.where(better.view(bshape), flat_z.index_select(0, w_best * S + slot_ids).view_as(best_z), best_z)
-        best_r = torch.where(better, ring_r.gather(0, w_best.unsqueeze(0)).squeeze(0), best_r)
-        emit_rows = ((first_stop < K) & active).nonzero().squeeze(1)   # the one host sync of a check
+        limit, age, codes_now, its_now, best_z, best_r, stops = window(
+            ring_r, ring_f, ring_met if halt is not None else None, flat_z, limit, age, ages,
+            best_z, best_r, active, steps, slot_ids, neg_rtol, rule.atol, floor, max_iter, done_code)
+        emit_rows = stops.nonzero().squeeze(1)                      # the one host sync of a check
         n_emit = emit_rows.numel()
         if n_emit:
-            fs = first_stop.index_select(0, emit_rows)
-            at = fs * S + emit_rows                                    # flat ring index of each stop
-            codes = code.view(-1).index_select(0, at)
-            take_stop = codes == done_code
-            out_z = torch.where(take_stop.view(bshape), flat_z.index_select(0, at).view((n_emit,) + tuple(z.shape[1:])),
-                                best_z.index_select(0, emit_rows))
-            out_r = torch.where(take_stop, ring_r.view(-1).index_select(0, at), best_r.index_select(0, emit_rows))
-            its = (age - K + 1).index_select(0, emit_rows) + fs
+            codes = codes_now.index_select(0, emit_rows)
+            out_z, out_r = best_z.index_select(0, emit_rows), best_r.index_select(0, emit_rows)
+            its = its_now.index_select(0, emit_rows)
             yield _Chunk(sample.index_select(0, emit_rows), out_z, its, out_r, codes), layout
             # Refill the emitted slots with the next inputs (idle slots copy a live row).
             x_new, n_new = rows.take(n_emit)
-            active.index_fill_(0, emit_rows, False)
             if n_new:
                 slot = emit_rows[:n_new]
                 _write_rows(x_slots, slot, x_new)
                 z_new = layout.pack(_start_rows(z0, x_new, n_new))
                 z = z.index_copy(0, slot, z_new)
                 age = age.index_fill(0, slot, 0)
-                best_r = best_r.index_fill(0, slot, math.nan)
                 sample = sample.index_copy(0, slot, torch.arange(next_index, next_index + n_new, **codes_dtype))
                 next_index += n_new
-                active.index_fill_(0, slot, True)
-                fresh.index_fill_(0, slot, True)
             if n_new < n_emit:
+                active.index_fill_(0, emit_rows[n_new:], False)
                 live = active.nonzero().squeeze(1)
                 if live.numel() == 0:
                     return
@@ -368,17 +384,21 @@ def _call(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, S: int) -> Ten
 
 def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0: Any = None,
            solver: Any = "anderson", atol: float = 0.0, rtol: float = 1e-4, max_iter: int = 50,
-           norm: str = "l2", criterion: Any = None, check_every: Optional[int] = None) -> Iterator[StreamResult]:
+           norm: str = "l2", criterion: Any = None, check_every: Optional[int] = None,
+           compile: bool = False) -> Iterator[StreamResult]:
     """Solve z = f(z, x) for every row of a stream of input batches, `slots` rows at a time.
 
     Yields one `StreamResult` per sample (index, z, iterations, residual, status) as soon as it
     is emitted; samples leave in the order they halt, not in input order. f always receives
     exactly `[slots, ...]`; the host looks every `check_every` passes. Runs without gradients.
+    `compile=True` compiles the fixed-shape bookkeeping of a look with `torch.compile` (a few
+    seconds once per process and shape; it pays on long streams). Compile f yourself.
     """
     with torch.no_grad():
         for chunk, layout in _stream_chunks(f, inputs, slots=slots, z0=z0, solver=solver, atol=atol,
                                             rtol=rtol, max_iter=max_iter, norm=norm,
-                                            criterion=criterion, check_every=check_every):
+                                            criterion=criterion, check_every=check_every,
+                                            compile=as_bool("compile", compile)):
             zs = layout.unpack(chunk.z)
             rows = zip(chunk.index.tolist(), chunk.iterations.tolist(), chunk.residual.tolist(),
                        chunk.status.tolist())
@@ -390,7 +410,7 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
 def solve_stream(f: Callable[..., Any], inputs: Iterable[Any], **options: Any) -> Solution:
     """Run `stream` to the end and return one `Solution` in input order (`evaluations` counts
     the rows f received, idle and wasted slots included)."""
-    allowed = {"slots", "z0", "solver", "atol", "rtol", "max_iter", "norm", "criterion", "check_every"}
+    allowed = {"slots", "z0", "solver", "atol", "rtol", "max_iter", "norm", "criterion", "check_every", "compile"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"solve_stream got unknown options {sorted(unknown)}; it takes {sorted(allowed)}.")
@@ -407,7 +427,7 @@ def solve_stream(f: Callable[..., Any], inputs: Iterable[Any], **options: Any) -
         for chunk, layout in _stream_chunks(counted, inputs, **{"slots": 64, "z0": None, "solver": "anderson",
                                                                 "atol": 0.0, "rtol": 1e-4, "max_iter": 50,
                                                                 "norm": "l2", "criterion": None,
-                                                                "check_every": None, **options}):
+                                                                "check_every": None, "compile": False, **options}):
             chunks.append(chunk)
     if not chunks:
         empty = torch.zeros(0, dtype=torch.int64)
