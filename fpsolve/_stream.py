@@ -254,6 +254,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
         )
 
     global _compiled_window
+    compile = as_bool("compile", compile)
     if compile and _compiled_window is None:
         _compiled_window = torch.compile(_window, dynamic=False)
     window = _compiled_window if compile else _window
@@ -398,7 +399,7 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
         for chunk, layout in _stream_chunks(f, inputs, slots=slots, z0=z0, solver=solver, atol=atol,
                                             rtol=rtol, max_iter=max_iter, norm=norm,
                                             criterion=criterion, check_every=check_every,
-                                            compile=as_bool("compile", compile)):
+                                            compile=compile):
             zs = layout.unpack(chunk.z)
             rows = zip(chunk.index.tolist(), chunk.iterations.tolist(), chunk.residual.tolist(),
                        chunk.status.tolist())
