@@ -28,6 +28,7 @@ from .solvers._base import Solver, compact
 #: starting scale: max(||f(z0)-z0|| + ||f(z0)||, the norm of an all-ones sample). The floor
 #: keeps a bounded map that starts near 0 (tanh(2z + 1e-9)) from being called divergent.
 DIVERGENCE_FACTOR = 1e6
+MAX_CODE = int(Status.MAX_ITER)
 
 
 def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Tensor, Tensor]:
@@ -237,6 +238,15 @@ def _iterate_sample(
     win_r: List[Tensor] = []
     win_e: List[Tensor] = []              # excess over the tolerance (<= 0: met), or -1/+1
     one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
+    step_cache: dict = {}
+
+    def steps_of(w: int) -> Tensor:
+        """[w, 1] pass indices 0..w-1 (made once per window size)."""
+        t = step_cache.get(w)
+        if t is None:
+            t = step_cache[w] = torch.arange(w, device=dev).view(w, 1)
+        return t
+
     if not bool(torch.isfinite(z0).all()):
         raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
 
@@ -276,41 +286,36 @@ def _iterate_sample(
             if quiet:
                 best_z, best_r = z, rn
             else:
-                bad = ~(R <= limit)
-                met = (E <= 0) & ~bad
-                stopped = met | bad
+                bad = ~(R <= limit)                                     # non-finite, or blown up
+                # status per pass (-1: runs on); a sample stops at its first pass with one
+                steps = steps_of(w)
+                tail: Any = -1                           # (the budget's last pass stops every row)
                 if last:
-                    stopped = stopped.clone()
-                    stopped[-1] = True
-                steps = torch.arange(w, device=dev).view(w, 1)
-                first = torch.where(stopped, steps, w).amin(dim=0)            # w: runs on
-                valid = steps <= first
-                # best iterate per row: the smallest residual (earliest on ties) over the
-                # window's valid passes, merged with the best before the window
-                masked = torch.where(valid & ~torch.isnan(R), R, math.inf)
-                wb = masked.argmin(dim=0)
+                    tail = MAX_CODE if w == 1 else torch.where(steps == w - 1, MAX_CODE, -1)
+                code = torch.where(bad, int(Status.DIVERGED), torch.where(E <= 0, done_code, tail))
+                first = torch.where(code >= 0, steps, w).amin(dim=0)            # w: runs on
+                at = first.clamp_max(w - 1)
+                codes = torch.where(first < w, code.gather(0, at.view(1, -1)).squeeze(0), -1)
+                met_at = codes == done_code
+                # each row's answer: the pass where its criterion held, else its best (the
+                # smallest residual, earliest on ties, over the passes up to its stop, merged
+                # with the best before the window)
+                wr, wb = torch.where(steps <= first, R.nan_to_num(math.inf), math.inf).min(dim=0)
+                sel = torch.where(met_at, at, wb)
                 if w == 1:   # (no copy, and no index kept for backward when Unroll records)
-                    pick = lambda t: win_z[0]  # noqa: E731
+                    pick = win_z[0]
                 else:
                     Z = torch.stack(win_z)
-                    pick = lambda t: Z.gather(0, t.view(at_b).expand((1,) + tuple(Z.shape[1:]))).squeeze(0)  # noqa: E731
-                wr = R.gather(0, wb.view(1, -1)).squeeze(0)
+                    pick = Z.gather(0, sel.view(at_b).expand((1,) + tuple(Z.shape[1:]))).squeeze(0)
+                pick_r = R.gather(0, sel.view(1, -1)).squeeze(0)
                 if best_r is None:    # (the start is the best so far, even when its residual is nan)
-                    cand_z, cand_r = pick(wb), wr
+                    out_z, out_r = pick, pick_r
                 else:
-                    better = wr < best_r
-                    cand_z = torch.where(better.view(rows_b), pick(wb), best_z)
-                    cand_r = torch.where(better, wr, best_r)
-                at = first.clamp_max(w - 1)
-                met_at = met.gather(0, at.view(1, -1)).squeeze(0) & (first < w)
-                bad_at = bad.gather(0, at.view(1, -1)).squeeze(0) & (first < w)
-                # the iterate at which a sample met its criterion is its answer
-                out_z = torch.where(met_at.view(rows_b), pick(at), cand_z)
-                out_r = torch.where(met_at, R.gather(0, at.view(1, -1)).squeeze(0), cand_r)
+                    better = (wr < best_r) | met_at
+                    out_z = torch.where(better.view(rows_b), pick, best_z)
+                    out_r = torch.where(better, pick_r, best_r)
                 its = k + 1 - (w - 1) + at                  # evaluations at the stop pass
-                codes = torch.where(met_at, done_code, int(Status.MAX_ITER))
-                codes = torch.where(bad_at, int(Status.DIVERGED), codes)
-                done = first < w
+                done = codes >= 0
                 n_done = int(done.sum())                      # (the host sync of a busy look)
                 if n_done == n_active:
                     finished.append(_Finished(idx, out_z, out_r, its, codes))
