@@ -222,6 +222,19 @@ def verify(s: Stream, check_every: Any = None) -> Dict[str, Any]:
     return out
 
 
+def equal_accuracy_depth(s: Stream, K: int, target: Any) -> Any:
+    """The smallest fixed depth whose plain-iteration answers are as accurate as `target`."""
+    if target is None:
+        return None
+    zs = [_z0(s, xb[0].shape[0]) for xb in s.batches()]
+    with torch.no_grad():
+        for k in range(1, K + 1):
+            zs = [s.f(z, xb) for z, xb in zip(zs, s.batches())]
+            if s.accuracy(torch.cat(zs)).get("all", 0.0) >= target - 1e-12:
+                return k
+    return K
+
+
 def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = None) -> Dict[str, Any]:
     """Every method timed in alternating rounds; least and median wall time per method."""
     with torch.no_grad():
@@ -235,6 +248,9 @@ def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = N
         "solve, halting='sample'": lambda f: run_solve(s, f, "sample"),
         "stream": lambda f: run_stream(s, f, check_every),
     }
+    k_acc = equal_accuracy_depth(s, K, accuracy.get("all")) if accuracy else None
+    if k_acc is not None and k_acc != K:
+        methods[f"fixed depth at equal accuracy (K={k_acc})"] = lambda f: run_fixed(s, f, k_acc)
     fs = {m: s.f for m in methods}
     compile_s = None
     if compiled:
@@ -263,7 +279,7 @@ def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = N
     fixed = min(walls["fixed depth (oracle K)"])
     out = {"name": s.name, "description": s.description, "N": N, "K": K, "iterations_sum": total,
            "iterations_mean": total / N, "slots": s.batch, "rtol": s.rtol, "norm": s.norm,
-           "accuracy": accuracy, "ideal_ms": fixed * total / (N * K) * 1e3,
+           "accuracy": accuracy, "k_equal_accuracy": k_acc, "ideal_ms": fixed * total / (N * K) * 1e3,
            "compile_s": compile_s, "check_every": check_every or fpsolve._stream.DEFAULT_CHECK_EVERY,
            "methods": {}}
     for m in methods:
@@ -318,6 +334,15 @@ def markdown(results: List[Dict[str, Any]]) -> List[str]:
                      f"compile=True: {g['best eager-f stream / fixed']:.2f}× fixed depth, "
                      f"{g['best eager-f stream / solve(sample)']:.2f}× solve(sample), {g['best eager-f stream / ideal']:.2f}× ideal. "
                      f"solve(sample): {g['solve(sample) / fixed']:.2f}× fixed depth.")
+        ka = r.get("k_equal_accuracy")
+        if ka is not None and r.get("accuracy"):
+            eq = r["methods"].get(f"fixed depth at equal accuracy (K={ka})", r["methods"]["fixed depth (oracle K)"])
+            acc = ", ".join(f"{g} {v:.3f}" for g, v in r["accuracy"].items())
+            best = min(v["wall_ms"] for k, v in r["methods"].items() if k.startswith("stream") and "compiled f" not in k)
+            lines.append(f"Accuracy of the stream's answers: {acc}. The smallest fixed depth as accurate is K = {ka}; "
+                         f"stream throughput is {eq['wall_ms'] / r['methods']['stream']['wall_ms']:.2f}× that fixed "
+                         f"depth's ({eq['wall_ms'] / best:.2f}× with compile=True), at "
+                         f"{r['iterations_mean']:.1f} mean passes against {ka}.")
         lines.append("")
     return lines
 
