@@ -39,10 +39,11 @@ class Residual:
 
     Example:
         ```python
-        rule = fpsolve.Residual(rtol=1e-8, norm="inf")
-        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), torch.ones(2, 3), criterion=rule)
+        rule = fpsolve.Residual(rtol=1e-10, norm="inf")
+        x = torch.rand(2, 3, dtype=torch.float64)
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, criterion=rule)
         assert bool((sol.status == fpsolve.Status.CONVERGED).all())
-        assert float(sol.residual.max()) <= 1e-8 * 2.0 + 1e-12   # ||f(z)||_inf is about 2
+        assert bool((sol.residual <= 1e-10 * (0.5 * sol.z + x).abs().amax(dim=1)).all())
         ```
     """
 
