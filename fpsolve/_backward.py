@@ -135,7 +135,7 @@ class Unroll:
     """Backpropagation through the iterations themselves: the baseline other modes are judged against.
 
     `steps=None` records the whole forward solve (the solver's own algebra included);
-    `steps=k` records k more passes of f, run from the solution as a looped model would.
+    `steps=k` records the last k passes of f, run from the solution as a looped model would.
     Memory grows with what is recorded. `backward="unroll"` is `Unroll()`.
 
     `checkpoint=c` (activation checkpointing, `torch.utils.checkpoint`, same gradient): with

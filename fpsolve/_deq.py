@@ -118,12 +118,16 @@ class DEQ(nn.Module):
 
     Example:
         ```python
-        block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
-        fpsolve.spectral_bound(block[0], 0.8)      # a contraction in z
-        layer = fpsolve.DEQ(lambda z, x: block(z) + x, max_iter=40)
-        z, sol = layer(torch.randn(8, 4))          # z0 defaults to zeros shaped like x
-        z.pow(2).mean().backward()                  # implicit gradient to block's weights
-        assert bool(sol.converged.all()) and block[0].parametrizations.weight.original.grad is not None
+        class Block(torch.nn.Module):   # f(z, x) = tanh(W z) + x with ||W||_2 <= 0.8: a contraction
+            def __init__(self):
+                super().__init__()
+                self.lin = fpsolve.spectral_bound(torch.nn.Linear(4, 4), 0.8)
+            def forward(self, z, x):
+                return torch.tanh(self.lin(z)) + x
+        layer = fpsolve.DEQ(Block(), max_iter=40)
+        z, sol = layer(torch.randn(8, 4))   # z0 defaults to zeros shaped like x
+        z.pow(2).mean().backward()           # implicit gradient to the block's parameters
+        assert bool(sol.converged.all()) and all(p.grad is not None for p in layer.parameters())
         ```
     """
 
