@@ -21,17 +21,57 @@ from .solvers._base import Solver
 
 
 class ConvergenceWarning(UserWarning):
-    """A solve that a gradient depends on did not converge (e.g. the implicit adjoint)."""
+    """A solve that a gradient depends on did not converge (e.g. the implicit adjoint).
+
+    Issued (a `UserWarning` subclass, through `warnings.warn`) by `backward="implicit"` when
+    forward samples are not at fixed points (budget spent, or `HALTED` away from one), so the
+    implicit gradient assumes what does not hold, or when the adjoint solve itself does not
+    converge. Turn it into an error with `warnings.simplefilter("error",
+    fpsolve.ConvergenceWarning)`.
+
+    Example:
+        ```python
+        import warnings
+        x = torch.ones(2, 3, requires_grad=True)
+        sol = fpsolve.solve(lambda z, x: 0.99 * z + x, torch.zeros(2, 3), x, solver="fixed_point", max_iter=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol.z.sum().backward()
+        assert any(issubclass(w.category, fpsolve.ConvergenceWarning) for w in caught)
+        ```
+    """
 
 
 @dataclass(frozen=True)
 class Implicit:
     """Implicit function theorem: solve the adjoint u = u ∂f/∂z + g per sample, then one VJP.
 
-    Memory does not grow with the forward iterations (only one evaluation of f at z* is kept).
-    Options left as None are taken from the forward solve. The adjoint's own result is put in
-    `sol.adjoint` (a `Solution`) when backward runs; samples whose adjoint did not converge
-    raise a `ConvergenceWarning`.
+    The gradient of the exact fixed point, whatever solver found it. Memory does not grow
+    with the forward iterations (only one evaluation of f at z* is kept). Options left as None
+    are taken from the forward solve. The adjoint's own result is put in `sol.adjoint` (a
+    `Solution`) when backward runs; samples whose adjoint did not converge, or that were not
+    at a fixed point, get a `ConvergenceWarning`. `backward="implicit"` is `Implicit()`.
+
+    Args:
+        solver: The adjoint's solver (a name or a solver object); None: the forward's.
+        rtol: The adjoint's relative tolerance; None: the forward's.
+        atol: The adjoint's absolute tolerance; None: the forward's.
+        max_iter: The adjoint's budget (an integer >= 1); None: the forward's.
+
+    Raises:
+        TypeError: a non-numeric tolerance or `max_iter`, or a solver of the wrong type.
+        ValueError: a negative tolerance, both zero, `max_iter` < 1, or an unknown solver name.
+        RuntimeError: at backward, a double backward (`create_graph=True`): use `Unroll` or
+            `Phantom` for higher-order gradients.
+
+    Example:
+        ```python
+        A = torch.tensor([[0.5, 0.1], [0.0, 0.4]], dtype=torch.float64)
+        x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+        g = lambda x: fpsolve.solve(lambda z, x: z @ A.T + x, torch.zeros(3, 2, dtype=torch.float64), x,
+                                    rtol=1e-12, backward=fpsolve.Implicit(rtol=1e-12)).z
+        assert torch.autograd.gradcheck(g, (x,))   # z* = (I - A)^-1 x, checked numerically
+        ```
     """
 
     solver: Union[str, Solver, None] = None
@@ -56,9 +96,31 @@ class Implicit:
 
 @dataclass(frozen=True)
 class Phantom:
-    """Phantom gradient: `steps` damped steps z <- (1-λ) z + λ f(z, x) from the solution, with
-    autograd on. Phantom(steps=1, damping=1.0) is Jacobian-free backpropagation (Fung et al.
-    2022; Geng et al., "On training implicit models", NeurIPS 2021)."""
+    """Phantom gradient: backpropagate through `steps` damped steps taken from the solution.
+
+    The steps z <- (1-λ) z + λ f(z, x) run from the fixed point with autograd on; the gradient
+    is that of those steps (an approximation of the implicit one, cheap and often good enough
+    to train with). Phantom(steps=1, damping=1.0) is Jacobian-free backpropagation (Fung et
+    al. 2022; Geng et al., "On training implicit models", NeurIPS 2021). `backward="phantom"`
+    is `Phantom()`.
+
+    Args:
+        steps: The number of damped steps recorded (an integer >= 1).
+        damping: λ, in (0, 1].
+
+    Raises:
+        TypeError: `steps` not an integer, or `damping` not a number.
+        ValueError: `steps` < 1 or `damping` outside (0, 1].
+
+    Example:
+        ```python
+        x = torch.ones(2, 3, requires_grad=True)
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), x, rtol=1e-8,
+                            backward=fpsolve.Phantom(steps=1, damping=1.0))
+        sol.z.sum().backward()   # one step f(z*, x) = 0.5 z* + x: d/dx = 1 (implicit: 2)
+        assert torch.allclose(x.grad, torch.ones(2, 3))
+        ```
+    """
 
     steps: int = 1
     damping: float = 1.0
@@ -70,9 +132,11 @@ class Phantom:
 
 @dataclass(frozen=True)
 class Unroll:
-    """Backpropagation through the iterations: `steps=None` records the whole forward solve
-    (the solver's own algebra included); `steps=k` records the last k passes of f, run from
-    the solution as a looped model would. Memory grows with what is recorded.
+    """Backpropagation through the iterations themselves: the baseline other modes are judged against.
+
+    `steps=None` records the whole forward solve (the solver's own algebra included);
+    `steps=k` records the last k passes of f, run from the solution as a looped model would.
+    Memory grows with what is recorded. `backward="unroll"` is `Unroll()`.
 
     `checkpoint=c` (activation checkpointing, `torch.utils.checkpoint`, same gradient): with
     `steps=k` the k passes run in segments of c passes, of which only the input state is kept
@@ -80,6 +144,24 @@ class Unroll:
     `steps=None` every call of f is recomputed in backward (f's inner activations are not
     kept; the state entering each pass and the solver's algebra still are). f must be the
     same map when recomputed: no in-place updates such as BatchNorm's running statistics.
+
+    Args:
+        steps: None: the whole forward solve; k: k passes of f from the solution.
+        checkpoint: None: keep every activation; c: activation checkpointing in segments
+            of c passes (same gradient, less memory, more compute).
+
+    Raises:
+        TypeError: `steps` or `checkpoint` not an integer.
+        ValueError: `steps` or `checkpoint` < 1.
+
+    Example:
+        ```python
+        x = torch.ones(2, 3, requires_grad=True)
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), x, solver="fixed_point",
+                            rtol=1e-10, backward=fpsolve.Unroll())
+        sol.z.sum().backward()   # through every pass: 1 + 0.5 + 0.25 + ... -> 2
+        assert torch.allclose(x.grad, torch.full((2, 3), 2.0), atol=1e-6)
+        ```
     """
 
     steps: Optional[int] = None

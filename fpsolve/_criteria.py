@@ -22,7 +22,30 @@ CriterionState = Tuple[Tensor, ...]
 
 @dataclass(frozen=True)
 class Residual:
-    """Stop when ||f(z) - z|| <= atol + rtol * ||f(z)|| (per-sample norm "l2" or "inf")."""
+    """Stop when ||f(z) - z|| <= atol + rtol * ||f(z)|| (per-sample norm "l2" or "inf").
+
+    The default rule: `criterion=None` builds it from `atol`, `rtol` and `norm`. Passing it
+    explicitly sets the tolerances in one place (then atol/rtol/norm given with other values
+    are an error). Samples it stops are `CONVERGED`.
+
+    Args:
+        atol: Absolute tolerance (>= 0).
+        rtol: Relative tolerance (>= 0; not both zero).
+        norm: The per-sample norm: "l2" or "inf" (largest entry).
+
+    Raises:
+        TypeError: a tolerance that is not a number.
+        ValueError: a negative tolerance, both tolerances zero, or an unknown `norm`.
+
+    Example:
+        ```python
+        rule = fpsolve.Residual(rtol=1e-10, norm="inf")
+        x = torch.rand(2, 3, dtype=torch.float64)
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, criterion=rule)
+        assert bool((sol.status == fpsolve.Status.CONVERGED).all())
+        assert bool((sol.residual <= 1e-10 * (0.5 * sol.z + x).abs().amax(dim=1)).all())
+        ```
+    """
 
     atol: float = 0.0
     rtol: float = 1e-4
@@ -51,9 +74,30 @@ def _logits(owner: str, readout: Callable[[Any], Tensor], z: Any, batch: int) ->
 
 @dataclass(frozen=True)
 class Stable:
-    """Stop when argmax(readout(z)) (over the last dim; readout(z) is [B, C] or [B, ..., C]) has
-    not changed at any position for `patience` passes: the answer a looped model would read out
-    has settled (the halting study's K_sat)."""
+    """Stop when the read-out answer argmax(readout(z)) has not changed for `patience` passes.
+
+    The argmax is over the last dimension of readout(z) (`[B, C]` or `[B, ..., C]`) and must
+    hold at every position: the answer a looped model would read out has settled (the halting
+    study's K_sat). Samples it stops are `HALTED`; `sol.residual` still says how far from a
+    fixed point they are.
+
+    Args:
+        readout: `readout(z) -> ` logits `[B, ..., C]`.
+        patience: Passes the argmax must stay unchanged (an integer >= 1).
+
+    Raises:
+        TypeError: `readout` not callable, or `patience` not an integer.
+        ValueError: `patience` < 1; during a solve, readout(z) not a tensor with B rows.
+
+    Example:
+        ```python
+        readout = lambda z: torch.stack((z[:, 0], 1 - z[:, 0]), dim=1)   # 2 classes
+        f = lambda z, x: 0.9 * z + x   # z* = 10 x, reached slowly
+        sol = fpsolve.solve(f, torch.zeros(2, 1), torch.tensor([[0.2], [-0.2]]),
+                            solver="fixed_point", criterion=fpsolve.Stable(readout, patience=2))
+        assert bool((sol.status == fpsolve.Status.HALTED).all()) and int(sol.iterations.max()) < 50
+        ```
+    """
 
     readout: Callable[[Any], Tensor]
     patience: int = 1
@@ -63,10 +107,30 @@ class Stable:
         object.__setattr__(self, "patience", as_int("Stable(patience=...)", self.patience))
 
     def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:
+        """A fresh state: no answer seen yet, patience count 0.
+
+        Args:
+            z: The first iterate, in the user's structure.
+            batch: The number of rows.
+            device: The state's device.
+
+        Returns:
+            A tuple of batch-first tensors (None entries pass through).
+        """
         seen = torch.zeros(batch, dtype=torch.bool, device=device)
         return (seen, torch.zeros(batch, dtype=torch.int64, device=device), None)  # type: ignore[return-value]
 
     def check(self, z: Any, fz: Any, state: Any) -> Tuple[Tensor, CriterionState]:
+        """Whether each row's answer has stayed the same for `patience` passes.
+
+        Args:
+            z: The current iterate, in the user's structure.
+            fz: f(z), in the same structure.
+            state: The state from `init` or the previous `check`.
+
+        Returns:
+            bool `[b]` ("halt here") and the new state.
+        """
         seen, count, prev = state
         cls = _logits("Stable", self.readout, z, seen.shape[0]).argmax(dim=-1).reshape(seen.shape[0], -1)
         if prev is None:
@@ -77,14 +141,43 @@ class Stable:
 
     @staticmethod
     def reset(state: Any, fresh: Tensor) -> CriterionState:
+        """Forget the `fresh` rows' previous answer and count (a refilled `stream` slot).
+
+        Args:
+            state: The criterion state of the rows in flight.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, with the `fresh` rows starting afresh.
+        """
         seen, count, prev = state
         return (seen & ~fresh, torch.where(fresh, torch.zeros_like(count), count), prev)
 
 
 @dataclass(frozen=True)
 class OutputKL:
-    """Stop when KL(softmax(readout(z_k)) || softmax(readout(z_{k-1}))) <= tol, the largest over
-    positions: the read-out distribution has stopped moving (the rule of recurrent-depth LMs)."""
+    """Stop when the read-out distribution has stopped moving: KL(p_k || p_{k-1}) <= tol.
+
+    p_k = softmax(readout(z_k)) over the last dimension; the KL is the largest over
+    positions (the rule of recurrent-depth LMs). Samples it stops are `HALTED`.
+
+    Args:
+        readout: `readout(z) -> ` logits `[B, ..., C]`.
+        tol: The KL threshold (>= 0).
+
+    Raises:
+        TypeError: `readout` not callable, or `tol` not a number.
+        ValueError: a negative `tol`; during a solve, readout(z) not a tensor with B rows.
+
+    Example:
+        ```python
+        readout = lambda z: 5 * z   # logits over the last dimension
+        f = lambda z, x: 0.8 * z + x
+        x = torch.tensor([[0.1, -0.1, 0.0]])
+        sol = fpsolve.solve(f, torch.zeros(1, 3), x, criterion=fpsolve.OutputKL(readout, tol=1e-4))
+        assert sol.status.tolist() == [int(fpsolve.Status.HALTED)]
+        ```
+    """
 
     readout: Callable[[Any], Tensor]
     tol: float = 1e-3
@@ -94,9 +187,29 @@ class OutputKL:
         object.__setattr__(self, "tol", as_float("OutputKL(tol=...)", self.tol))
 
     def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:
+        """A fresh state: no previous distribution yet.
+
+        Args:
+            z: The first iterate, in the user's structure.
+            batch: The number of rows.
+            device: The state's device.
+
+        Returns:
+            A tuple of batch-first tensors (None entries pass through).
+        """
         return (torch.zeros(batch, dtype=torch.bool, device=device), None)  # type: ignore[return-value]
 
     def check(self, z: Any, fz: Any, state: Any) -> Tuple[Tensor, CriterionState]:
+        """Whether each row's read-out distribution moved by at most `tol` (KL) since the last pass.
+
+        Args:
+            z: The current iterate, in the user's structure.
+            fz: f(z), in the same structure.
+            state: The state from `init` or the previous `check`.
+
+        Returns:
+            bool `[b]` ("halt here") and the new state.
+        """
         seen, prev = state
         logits = _logits("OutputKL", self.readout, z, seen.shape[0])
         logp = torch.log_softmax(logits.float(), dim=-1).reshape(seen.shape[0], -1, logits.shape[-1])
@@ -107,13 +220,42 @@ class OutputKL:
 
     @staticmethod
     def reset(state: Any, fresh: Tensor) -> CriterionState:
+        """Forget the `fresh` rows' previous distribution (a refilled `stream` slot).
+
+        Args:
+            state: The criterion state of the rows in flight.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, with the `fresh` rows starting afresh.
+        """
         seen, prev = state
         return (seen & ~fresh, prev)
 
 
 @dataclass(frozen=True)
 class HaltHead:
-    """Stop when sigmoid(head(z)) >= threshold: a learned ACT-style halt (head(z) -> [B] logits)."""
+    """Stop when sigmoid(head(z)) >= threshold: a learned ACT-style halt.
+
+    Samples it stops are `HALTED`. The head is only read to decide halting: training it is
+    the user's (e.g. a loss on `sigmoid(head(z))`).
+
+    Args:
+        head: `head(z) -> ` one logit per sample, `[B]` or `[B, 1]` (e.g. an `nn.Linear(d, 1)`).
+        threshold: The halting probability, in (0, 1].
+
+    Raises:
+        TypeError: `head` not callable, or `threshold` not a number.
+        ValueError: `threshold` outside (0, 1]; during a solve, head(z) not one logit per sample.
+
+    Example:
+        ```python
+        head = lambda z: 10 * (z[:, 0] - 1.0)   # halts once the first entry passes about 1
+        f = lambda z, x: 0.5 * z + x            # z* = 2x = 2
+        sol = fpsolve.solve(f, torch.zeros(3, 2), torch.ones(3, 2), criterion=fpsolve.HaltHead(head))
+        assert bool((sol.status == fpsolve.Status.HALTED).all()) and float(sol.z[0, 0]) >= 1.0
+        ```
+    """
 
     head: Callable[[Any], Tensor]
     threshold: float = 0.5
@@ -125,9 +267,29 @@ class HaltHead:
         object.__setattr__(self, "threshold", t)
 
     def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:
+        """The empty state: the head decides from the current z alone.
+
+        Args:
+            z: The first iterate, in the user's structure.
+            batch: The number of rows.
+            device: The state's device.
+
+        Returns:
+            A tuple of batch-first tensors (None entries pass through).
+        """
         return ()
 
     def check(self, z: Any, fz: Any, state: Any) -> Tuple[Tensor, CriterionState]:
+        """Whether sigmoid(head(z)) >= threshold, per row.
+
+        Args:
+            z: The current iterate, in the user's structure.
+            fz: f(z), in the same structure.
+            state: The state from `init` or the previous `check`.
+
+        Returns:
+            bool `[b]` ("halt here") and the new state.
+        """
         logit = self.head(z)
         b = next(iter(_leaves(z))).shape[0]
         if not isinstance(logit, Tensor) or logit.shape[0] != b or logit[0].numel() != 1:
@@ -137,6 +299,15 @@ class HaltHead:
 
     @staticmethod
     def reset(state: Any, fresh: Tensor) -> CriterionState:
+        """Nothing to forget: the state is empty.
+
+        Args:
+            state: The criterion state of the rows in flight.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, with the `fresh` rows starting afresh.
+        """
         return state
 
 

@@ -21,8 +21,30 @@ def jacobian_penalty(f: Callable[..., Any], z: Any, x: Any = None, samples: int 
 
     E_v ||vᵀ J||² with v ~ N(0, I) equals ||J||_F²; `samples` probes are averaged. Penalising
     it keeps the block contractive during training (Bai et al., "Stabilizing Equilibrium
-    Models by Jacobian Regularization", ICML 2021). z: the solution, a tensor [B, ...] or a
-    tuple/list of such (then J is the Jacobian of the whole state, every part included).
+    Models by Jacobian Regularization", ICML 2021). `DEQ(jacobian_penalty=k)` calls it for you.
+
+    Args:
+        f: The map, `f(z, x)` (`f(z)` when x is None).
+        z: Where to take the Jacobian (usually the solution): a tensor `[B, ...]` or a
+            tuple/list of such (then J is the Jacobian of the whole state, every part included).
+            It is detached: the estimate's gradient reaches f's parameters and x, not z.
+        x: f's input, or None.
+        samples: The number of random probes averaged (an integer >= 1).
+
+    Returns:
+        `[B]`: the estimate per sample, with a graph to f's parameters (for `loss.backward()`).
+
+    Raises:
+        TypeError: `samples` not an integer, or z or f's output of the wrong kind.
+        ValueError: `samples` < 1, or f returning another shape than z.
+
+    Example:
+        ```python
+        A = torch.tensor([[0.3, 0.4], [0.0, 0.5]])
+        z = torch.randn(4, 2)
+        est = fpsolve.jacobian_penalty(lambda z: z @ A.T, z, samples=2000)
+        assert torch.allclose(est, torch.full((4,), float(A.pow(2).sum())), rtol=0.1)   # ||A||_F² = 0.5
+        ```
     """
     samples = as_int("samples", samples)
     state = StateLayout(z)
@@ -70,9 +92,43 @@ class DEQ(nn.Module):
     """A deep-equilibrium layer: `z, sol = layer(x, z0=None)` solves z = block(z, x).
 
     `block`'s parameters are this module's parameters. Options are those of `fpsolve.solve`
-    (`criterion=` included: e.g. `fpsolve.Stable(readout)` halts on a settled read-out).
-    With `jacobian_penalty=k` (k probes), `sol.jacobian_penalty` holds the per-sample
-    Hutchinson estimate of ||∂f/∂z||_F² at the solution, to add to the loss in training.
+    (`criterion=` included: e.g. `fpsolve.Stable(readout)` halts on a settled read-out), and
+    are all validated here, not at the first forward. It works under `torch.no_grad()`, on
+    any device and inside `DistributedDataParallel`; each forward resets the block's
+    `SharedDropout` masks. `layer.last_solution` keeps the last forward's `Solution`, detached.
+
+    Args:
+        block: An `nn.Module` or a function, called as `block(z, x)`.
+        solver: As for `solve`: "fixed_point", "anderson", "broyden" or a solver object.
+        backward: As for `solve`: "implicit", "phantom", "unroll", "none" or an object.
+        atol: Absolute tolerance.
+        rtol: Relative tolerance.
+        max_iter: The most evaluations of block per sample (default 30 here).
+        halting: "sample" or "batch" (a block that mixes samples, e.g. BatchNorm).
+        norm: "l2" or "inf".
+        record: Keep the residual history in `sol.trace`.
+        jacobian_penalty: k > 0: in grad mode, `sol.jacobian_penalty` holds the per-sample
+            Hutchinson estimate of ||∂f/∂z||_F² at the solution (k probes), to add to the loss.
+        criterion: None or a criterion object, as for `solve`.
+        check_every: As for `solve`.
+
+    Raises:
+        TypeError: `block` not callable, or an option of the wrong type.
+        ValueError: an unknown name, a bad tolerance or `max_iter`, or `jacobian_penalty` < 0.
+
+    Example:
+        ```python
+        class Block(torch.nn.Module):   # f(z, x) = tanh(W z) + x with ||W||_2 <= 0.8: a contraction
+            def __init__(self):
+                super().__init__()
+                self.lin = fpsolve.spectral_bound(torch.nn.Linear(4, 4), 0.8)
+            def forward(self, z, x):
+                return torch.tanh(self.lin(z)) + x
+        layer = fpsolve.DEQ(Block(), max_iter=40)
+        z, sol = layer(torch.randn(8, 4))   # z0 defaults to zeros shaped like x
+        z.pow(2).mean().backward()           # implicit gradient to the block's parameters
+        assert bool(sol.converged.all()) and all(p.grad is not None for p in layer.parameters())
+        ```
     """
 
     #: The last forward's Solution, detached (safe to keep and to deepcopy); its `adjoint` is
@@ -118,6 +174,29 @@ class DEQ(nn.Module):
         self.jacobian_penalty = jacobian_penalty
 
     def forward(self, x: Any, z0: Any = None) -> Tuple[Any, Solution]:
+        """Solve z = block(z, x) for the batch x; returns `(z, sol)`.
+
+        Args:
+            x: The input: a tensor `[B, ...]`, or a tuple/list/dict of batch-first tensors.
+            z0: The starting state; None: zeros shaped like x (x must then be one tensor
+                shaped like the state).
+
+        Returns:
+            `sol.z` (differentiable as `backward` says) and the `Solution`.
+
+        Raises:
+            ValueError: z0 is None and x is not a tensor, or the block rejects (or changes)
+                a state shaped like x: pass z0. Any error of `solve`, or the block's own.
+
+        Example:
+            ```python
+            layer = fpsolve.DEQ(lambda z, x: 0.5 * torch.tanh(z) + x[0] * x[1])
+            x = (torch.ones(2, 3), torch.full((2, 3), 0.5))
+            z, sol = layer(x, z0=torch.zeros(2, 3))   # x is a tuple: z0 must be given
+            assert z.shape == (2, 3) and bool(sol.converged.all())
+            print(layer.last_solution.stats()["iterations_mean"])
+            ```
+        """
         check_transforms(make_backward(self.options["backward"]))
         for m in self.modules():          # SharedDropout: one mask per forward, every pass
             if isinstance(m, SharedDropout):

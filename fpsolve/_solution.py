@@ -11,7 +11,22 @@ import torch
 
 
 class Status(enum.IntEnum):
-    """Why a sample stopped. Stored per sample as int64 in `Solution.status`."""
+    """Why a sample stopped: stored per sample as int64 in `Solution.status` (an `IntEnum`).
+
+    Members: `CONVERGED` (the residual rule held at the returned `z`), `MAX_ITER` (the
+    budget of `max_iter` evaluations was spent first), `DIVERGED` (f produced non-finite
+    values or the residual blew up; `z` is the best finite iterate), `HALTED` (a criterion
+    other than `Residual`, e.g. `Stable`, stopped the sample). Compare a status tensor with a
+    member directly; `Status(code).message` says what a code means and what to try.
+
+    Example:
+        ```python
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(3, 2), torch.ones(3, 2))
+        assert bool((sol.status == fpsolve.Status.CONVERGED).all())
+        print(fpsolve.Status(int(sol.status[0])).name)   # CONVERGED
+        print(fpsolve.Status.MAX_ITER.message)
+        ```
+    """
 
     CONVERGED = 0
     MAX_ITER = 1
@@ -20,7 +35,16 @@ class Status(enum.IntEnum):
 
     @property
     def message(self) -> str:
-        """What the status means and what a user can try."""
+        """One sentence: what the status means and what a user can try.
+
+        Returns:
+            The message, e.g. for `MAX_ITER`: raise max_iter, loosen the tolerance, ...
+
+        Example:
+            ```python
+            print(fpsolve.Status.DIVERGED.message)
+            ```
+        """
         return _MESSAGES[self]
 
 
@@ -48,8 +72,33 @@ _MESSAGES = {
 class Solution:
     """Per-sample outcome of `fpsolve.solve` (all tensors batch-first, `[B]` unless noted).
 
-    `z` has the structure of `z0`; it is, per sample, the iterate with the smallest residual
-    seen (never a non-finite one). `evaluations` is the total number of rows passed through f.
+    Returned by `solve`, `solve_stream` and `DEQ` (as the second output); not made by users.
+    `print(sol)` shows `sol.summary()`.
+
+    Attributes:
+        z: Per sample, the iterate with the smallest residual seen (never a non-finite one),
+            in the structure of `z0` (a tensor, or a tuple/list of tensors). Differentiable
+            as the `backward` option says. Under `halting="batch"`, one iterate of the
+            whole batch.
+        iterations: int64 `[B]`: evaluations of f that each sample received.
+        residual: `[B]`: ||f(z) - z|| at the returned `z`, in the solve's `norm`.
+        converged: bool `[B]`: the sample's halting criterion held (`CONVERGED` or `HALTED`).
+        status: int64 `[B]` of `Status` codes.
+        evaluations: The total number of rows passed through f (the compute spent).
+        trace: `[T, B]` residual at each iteration (nan once a sample halted), with
+            `record=True`; otherwise None.
+        adjoint: With `backward="implicit"`: the adjoint solve's own `Solution`, set when
+            backward runs; otherwise None.
+        jacobian_penalty: With `DEQ(jacobian_penalty=k)`: `[B]` Hutchinson estimate of
+            ||∂f/∂z||_F² at `z` (differentiable); otherwise None.
+
+    Example:
+        ```python
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(4, 3), torch.ones(4, 3))
+        assert torch.allclose(sol.z, torch.full((4, 3), 2.0), atol=1e-3)   # z* = 2x
+        print(sol.iterations, sol.status, sol.converged.all())
+        print(sol)   # the summary line
+        ```
     """
 
     z: Any
@@ -65,7 +114,18 @@ class Solution:
     jacobian_penalty: Optional[torch.Tensor] = None
 
     def summary(self) -> str:
-        """A short human-readable account of the batch."""
+        """A one-line human-readable account of the batch (what `print(sol)` shows).
+
+        Returns:
+            The batch size, the count of each status present, the mean and largest
+            iterations, the evaluations and the largest finite residual.
+
+        Example:
+            ```python
+            sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), torch.ones(2, 3))
+            print(sol.summary())   # Solution(B=2; CONVERGED: 2; iterations mean ...)
+            ```
+        """
         if self.status.numel() == 0:
             return f"Solution(B=0: no samples; evaluations {self.evaluations})"
         counts = {s.name: int((self.status == s).sum()) for s in Status}
@@ -83,13 +143,27 @@ class Solution:
         return self.summary()
 
     def stats(self) -> Dict[str, float]:
-        """A flat dict of floats for loggers (TensorBoard, W&B, a CSV row), one host sync
-        (two with the adjoint).
+        """A flat dict of floats for loggers (TensorBoard, W&B, a CSV row).
 
-        Fractions are of the batch, per status (they sum to 1). Residual quantiles are over
+        One host sync (two with the adjoint). Fractions are of the batch, per status (they sum to 1). Residual quantiles are over
         the finite residuals only; nan when there is none (an empty or wholly diverged batch).
         An empty batch gives 0 for counts, means and fractions. After an implicit backward
         (`adjoint` set) the adjoint solve's figures are added under `adjoint_...`.
+
+        Returns:
+            `batch_size`, `iterations_mean`/`_min`/`_max`, `converged_fraction`,
+            `max_iter_fraction`, `diverged_fraction`, `halted_fraction`, `residual_median`,
+            `residual_p90`, `residual_max`, `evaluations`; with `adjoint` set, also
+            `adjoint_iterations_mean`, `adjoint_iterations_max`, `adjoint_converged_fraction`,
+            `adjoint_residual_max` and `adjoint_evaluations`.
+
+        Example:
+            ```python
+            sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(4, 3), torch.ones(4, 3))
+            stats = sol.stats()
+            assert stats["converged_fraction"] == 1.0
+            print(stats["iterations_mean"], stats["residual_max"])
+            ```
         """
         # Status.HALTED (= 3) is being added in parallel; its integer code is used until then.
         halted = int(getattr(Status, "HALTED", 3))
@@ -119,8 +193,23 @@ class Solution:
         return out
 
     def detached(self) -> "Solution":
-        """A copy without autograd history that still receives `adjoint` when this solution's
-        implicit backward runs: safe to keep (e.g. `DEQ.last_solution`) and to deepcopy."""
+        """A copy without autograd history, safe to keep (e.g. `DEQ.last_solution`) and to deepcopy.
+
+        The copy still receives `adjoint` when this solution's implicit backward runs.
+
+        Returns:
+            A shallow copy whose `z` (and `jacobian_penalty`) are detached; its `adjoint` is
+            set when this solution's implicit backward runs.
+
+        Example:
+            ```python
+            x = torch.ones(2, 3, requires_grad=True)
+            sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), x)
+            kept = sol.detached()
+            sol.z.sum().backward()
+            assert not kept.z.requires_grad and kept.adjoint is not None
+            ```
+        """
         twin = copy.copy(self)
         twin.__dict__.pop("_followers", None)
         twin.z = _detach(self.z)

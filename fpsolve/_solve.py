@@ -82,12 +82,56 @@ def solve(
     non-batch dimensions); with halting="sample" it is then no longer passed to f. Returns a
     `Solution`: per sample the best iterate, its residual, the evaluations it received and a
     `Status`. Non-finite or blown-up samples get DIVERGED without disturbing the rest.
-    `criterion` (Residual, Stable, OutputKL, HaltHead) replaces the residual rule; samples it
-    stops are HALTED. `check_every`: with halting="sample", passes between two looks of the host
-    (stopped rows leave f's batch at a look; counts and results stay exact); None: fpsolve's
-    default (DEFAULT_CHECK_EVERY). float16/bfloat16 states are iterated in float32 but every iterate is
-    rounded to the state's dtype before f sees it, so statuses hold at the returned values
-    (the residual computed in float32 from them).
+    float16/bfloat16 states are iterated in float32 but every iterate is rounded to the
+    state's dtype before f sees it, so statuses hold at the returned values (the residual
+    computed in float32 from them).
+
+    Args:
+        f: The map: `f(z, x) -> ` a state with the structure, shape, dtype and device of z
+            (`f(z)` when x is None). Under halting="sample" it must treat samples
+            independently.
+        z0: The starting point: a floating tensor `[B, ...]`, or a tuple/list of such sharing
+            B, dtype and device. It is detached: the fixed point does not depend on it.
+        x: None, a tensor `[B, ...]`, or a tuple/list/dict of batch-first tensors (same B as
+            z0, same device).
+        solver: "fixed_point", "anderson", "broyden", or a solver object such as
+            `fpsolve.Anderson(m=5)` (any object with `init` and `step`).
+        atol: Absolute tolerance (>= 0).
+        rtol: Relative tolerance (>= 0; atol and rtol may not both be 0).
+        max_iter: The most evaluations of f that any one sample receives (>= 1).
+        halting: "sample": each sample stops at its own fixed point; "batch": every sample
+            is iterated until all halt (for an f that mixes samples, e.g. BatchNorm).
+        backward: How `sol.z` gets its gradient: "implicit", "phantom", "unroll", "none", or
+            an `Implicit`, `Phantom` or `Unroll` object.
+        norm: The per-sample norm of the criterion: "l2" or "inf" (largest entry).
+        record: Keep the residual history in `sol.trace`.
+        criterion: None (the residual rule from atol, rtol, norm) or a criterion object
+            (`Residual`, `Stable`, `OutputKL`, `HaltHead`); samples another criterion stops
+            are `HALTED`.
+        check_every: With halting="sample", passes between two looks of the host (stopped
+            rows leave f's batch at a look; counts and results stay exact); None: fpsolve's
+            default (4).
+
+    Returns:
+        A `Solution` (`z` with z0's structure; `iterations`, `residual`, `converged`,
+        `status` per sample; `evaluations`; `trace` with record=True).
+
+    Raises:
+        TypeError: f not callable; z0, x, or f's output not tensors of the accepted kinds;
+            a non-floating z0; a solver, backward or criterion of the wrong type (or a class
+            instead of an instance).
+        ValueError: f returning another shape, dtype or device than z0; x with another batch
+            size or device; max_iter or check_every < 1; negative tolerances or both zero; an
+            unknown solver, backward, halting or norm name.
+
+    Example:
+        ```python
+        A = torch.tensor([[0.5, 0.2], [-0.1, 0.3]], dtype=torch.float64)
+        x = torch.randn(8, 2, dtype=torch.float64)
+        sol = fpsolve.solve(lambda z, x: z @ A.T + x, torch.zeros_like(x), x, rtol=1e-10)
+        exact = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, x.T).T   # z* = (I - A)^-1 x
+        assert torch.allclose(sol.z, exact) and bool(sol.converged.all())
+        ```
     """
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, x) (or f(z) when x is None); got {type(f).__name__}.")

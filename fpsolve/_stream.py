@@ -33,7 +33,23 @@ DEFAULT_CHECK_EVERY = 4
 
 
 class StreamResult(NamedTuple):
-    """One sample's result: its position in the stream, its fixed point and how it stopped."""
+    """One sample's result from `stream`: its position in the stream, its fixed point and how it stopped.
+
+    Attributes:
+        index: The sample's position in the stream (0-based, counting rows over all batches).
+        z: The sample's state, without the batch dimension, in the state's structure and dtype.
+        iterations: Evaluations of f that the sample received.
+        residual: ||f(z) - z|| at `z`.
+        status: Why it stopped (`Status.CONVERGED`, `MAX_ITER`, `DIVERGED` or `HALTED`).
+
+    Example:
+        ```python
+        batches = [torch.ones(3, 2), 2 * torch.ones(2, 2)]
+        for r in fpsolve.stream(lambda z, x: 0.5 * z + x, batches, slots=4):
+            assert r.status == fpsolve.Status.CONVERGED and r.z.shape == (2,)
+            print(r.index, r.iterations, round(float(r.z[0]), 3))   # z* = 2x
+        ```
+    """
 
     index: int
     z: Any            # one sample (no batch dimension), in the state's structure and dtype
@@ -389,11 +405,54 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
            compile: bool = False) -> Iterator[StreamResult]:
     """Solve z = f(z, x) for every row of a stream of input batches, `slots` rows at a time.
 
-    Yields one `StreamResult` per sample (index, z, iterations, residual, status) as soon as it
-    is emitted; samples leave in the order they halt, not in input order. f always receives
-    exactly `[slots, ...]`; the host looks every `check_every` passes. Runs without gradients.
-    `compile=True` compiles the fixed-shape bookkeeping of a look with `torch.compile` (a few
-    seconds once per process and shape; it pays on long streams). Compile f yourself.
+    Continuous batching: when a row halts, its result is handed out and its slot takes the
+    next pending input. Samples leave in the order they halt, not in input order. f always
+    receives exactly `[slots, ...]` (idle slots, at the end of the stream, repeat a valid
+    row), so a compiled f never recompiles. Per sample the result is what `solve` gives that
+    sample alone (a refilled slot's solver history starts fresh). Runs without gradients.
+
+    Args:
+        f: `f(z, x) -> ` a state shaped like z; it must treat samples independently.
+        inputs: An iterable of batches (a tensor, or a tuple/list/dict of tensors sharing
+            the batch size), e.g. a DataLoader; each batch is split into rows.
+        slots: Rows in flight (an integer >= 1).
+        z0: None: zeros shaped like an input row (x must then be one floating tensor); a
+            callable `z0(x_rows) -> ` state rows; or one state row `[1, ...]` used for every
+            sample.
+        solver: "fixed_point", "anderson", "broyden" or a solver object that has
+            `per_row = True` (all built-in solvers).
+        atol: Absolute tolerance of the residual rule.
+        rtol: Relative tolerance: a sample halts when ||f(z) - z|| <= atol + rtol ||f(z)||.
+        max_iter: The most evaluations of f that any one sample receives.
+        norm: Per-sample norm of the rule: "l2" or "inf".
+        criterion: None (the residual rule) or a criterion object (`Residual`, `Stable`,
+            `OutputKL`, `HaltHead`); samples another criterion stops are `HALTED`.
+        check_every: Passes between host-side checks (emit and refill); None: fpsolve's
+            default (4). Iteration counts are exact whatever it is.
+        compile: True compiles the fixed-shape bookkeeping of a look with `torch.compile`
+            (a few seconds once per process and shape; it pays on long streams). Compiling f
+            is yours to do.
+
+    Yields:
+        One `StreamResult` (index, z, iterations, residual, status) per sample, as soon as
+        it is emitted.
+
+    Raises:
+        TypeError: f is not callable, `inputs` is not an iterable of tensors or tensor
+            structures, the solver cannot restart single rows (no `per_row = True`), or
+            `z0=None` with inputs that are not floating-point.
+        ValueError: a bad option (`slots`, `max_iter`, `check_every` < 1, negative or
+            both-zero tolerances, unknown `norm`), a batch whose tensors have different batch
+            sizes, rows of another shape/dtype than the first batch's, `z0=None` with inputs
+            that are not one tensor, or `z0`/f giving states of the wrong shape.
+
+    Example:
+        ```python
+        batches = [torch.ones(5, 3), torch.full((4, 3), 3.0)]
+        results = list(fpsolve.stream(lambda z, x: 0.5 * z + x, batches, slots=4))
+        assert sorted(r.index for r in results) == list(range(9))
+        assert all(torch.allclose(r.z, 2 * batches[r.index // 5][0], atol=1e-3) for r in results)
+        ```
     """
     with torch.no_grad():
         for chunk, layout in _stream_chunks(f, inputs, slots=slots, z0=z0, solver=solver, atol=atol,
@@ -409,8 +468,32 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
 
 
 def solve_stream(f: Callable[..., Any], inputs: Iterable[Any], **options: Any) -> Solution:
-    """Run `stream` to the end and return one `Solution` in input order (`evaluations` counts
-    the rows f received, idle and wasted slots included)."""
+    """Run `stream` to the end and return one `Solution` with the samples in input order.
+
+    No gradients: `sol.z` is detached, and `trace`/`adjoint` are None.
+
+    Args:
+        f: `f(z, x) -> ` a state shaped like z, treating samples independently.
+        inputs: An iterable of batches, as for `stream`.
+        **options: The keyword options of `stream` (`slots`, `z0`, `solver`, `atol`, `rtol`,
+            `max_iter`, `norm`, `criterion`, `check_every`, `compile`), with its defaults.
+
+    Returns:
+        A `Solution` over every input row; `evaluations` counts the rows f received (slots
+        times passes), idle and wasted slots included. An empty stream gives an empty one.
+
+    Raises:
+        TypeError: an option that `stream` does not take, or any error `stream` raises.
+        ValueError: as for `stream`.
+
+    Example:
+        ```python
+        x = torch.linspace(-1, 1, 10).reshape(10, 1)
+        sol = fpsolve.solve_stream(lambda z, x: 0.5 * z + x, [x[:6], x[6:]], slots=4)
+        assert torch.allclose(sol.z, 2 * x, atol=1e-3)   # input order, z* = 2x
+        print(sol.iterations.tolist(), sol.evaluations)
+        ```
+    """
     allowed = {"slots", "z0", "solver", "atol", "rtol", "max_iter", "norm", "criterion", "check_every", "compile"}
     unknown = set(options) - allowed
     if unknown:

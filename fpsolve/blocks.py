@@ -17,15 +17,37 @@ from ._checks import as_float, as_int
 
 
 class LoopedTransformerBlock(nn.Module):
-    """z -> Norm(u + a·MLP(LN(u))),  u = z + x + a·Attn(LN(z + x)): one pass of a looped model.
+    """A weight-tied transformer block built to settle when looped: one pass z -> f(z, x).
 
-    `dim`: width; `heads`: attention heads; `mlp_ratio`: hidden width / dim; `residual_scale`
-    (a): the branch scale; `prenorm`: LayerNorm before each branch (False: post-norm style
-    branches on the raw state); `normalize_state`: LayerNorm of the state at the end of each
-    pass; `attn_mask`: an optional [L, L] boolean mask (True = may not attend), shared by all
-    samples, e.g. to restrict attention to a cell's neighbours. States are [B, L, dim].
-    `forward(z, x, attn_mask=...)` overrides the stored mask for one call (for inputs of several
-    sequence lengths, each with its own mask).
+    f(z, x) = Norm(u + a·MLP(LN(u))) with u = z + x + a·Attn(LN(z + x)): pre-norm branches,
+    the input injected at every pass, a small fixed residual scale a, and the state
+    normalised at the end of each pass. States and inputs are `[B, L, dim]`. Its dropout is
+    `SharedDropout` (one mask per `DEQ` forward), so f stays one map across passes.
+
+    Args:
+        dim: The width (divisible by `heads`).
+        heads: Attention heads.
+        mlp_ratio: The MLP's hidden width / dim (> 0).
+        residual_scale: a, the scale of both branches (> 0).
+        prenorm: LayerNorm before each branch (False: post-norm style branches on the raw state).
+        normalize_state: LayerNorm of the state at the end of each pass.
+        dropout: The `SharedDropout` probability of both branches, in [0, 1).
+        attn_mask: An optional `[L, L]` boolean mask (True = may not attend), shared by all
+            samples, e.g. to restrict attention to a cell's neighbours.
+
+    Raises:
+        TypeError: `dim` or `heads` not an integer, or a non-numeric scale, ratio or dropout.
+        ValueError: `dim` not divisible by `heads`, a value out of range, or an `attn_mask`
+            that is not a 2-D boolean tensor.
+
+    Example:
+        ```python
+        block = fpsolve.LoopedTransformerBlock(dim=16, heads=2)
+        layer = fpsolve.DEQ(block.eval(), max_iter=40, rtol=1e-3)
+        x = torch.randn(2, 5, 16)   # [B, L, dim]
+        z, sol = layer(x)
+        assert z.shape == x.shape and bool(sol.converged.all())
+        ```
     """
 
     def __init__(
@@ -66,6 +88,25 @@ class LoopedTransformerBlock(nn.Module):
             self.attn_mask = None
 
     def forward(self, z: Tensor, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """One pass: the next state from the state z and the input x, both `[B, L, dim]`.
+
+        Args:
+            z: The state `[B, L, dim]`.
+            x: The input `[B, L, dim]`, injected at every pass.
+            attn_mask: Overrides the stored mask for this call (for inputs of several
+                sequence lengths, each with its own `[L, L]` mask); None: the stored one.
+
+        Returns:
+            The next state, `[B, L, dim]`.
+
+        Example:
+            ```python
+            block = fpsolve.LoopedTransformerBlock(dim=8, heads=2)
+            z, x = torch.zeros(1, 3, 8), torch.randn(1, 3, 8)
+            mask = ~torch.eye(3, dtype=torch.bool)   # each position attends to itself only
+            assert block(z, x, attn_mask=mask).shape == (1, 3, 8)
+            ```
+        """
         a = self.residual_scale
         mask = self.attn_mask if attn_mask is None else attn_mask
         u = z + x
@@ -83,6 +124,22 @@ class SharedDropout(nn.Module):
     batch dimension is 1), so it stays valid when per-sample halting drops rows. `DEQ` calls
     `reset()` on every SharedDropout in its block at the start of each forward; outside a DEQ,
     call it yourself. A no-op in eval mode.
+
+    Args:
+        p: The probability of zeroing an entry, in [0, 1); kept entries are scaled by 1/(1-p).
+
+    Raises:
+        TypeError: `p` not a number.
+        ValueError: `p` outside [0, 1).
+
+    Example:
+        ```python
+        drop = fpsolve.SharedDropout(p=0.5).train()
+        z = torch.ones(4, 6)
+        assert torch.equal(drop(z), drop(2 * z) / 2)   # the same mask at every call
+        drop.reset()                                    # a new mask at the next call
+        assert torch.equal(drop.eval()(z), z)
+        ```
     """
 
     def __init__(self, p: float = 0.1) -> None:
@@ -94,10 +151,27 @@ class SharedDropout(nn.Module):
         self.mask: Optional[Tensor] = None
 
     def reset(self) -> None:
-        """Forget the mask; the next training-mode call draws a new one."""
+        """Forget the mask; the next training-mode call draws a new one.
+
+        Example:
+            ```python
+            drop = fpsolve.SharedDropout(p=0.5)
+            drop(torch.ones(2, 4))
+            drop.reset()
+            assert drop.mask is None
+            ```
+        """
         self.mask = None
 
     def forward(self, z: Tensor) -> Tensor:
+        """z times the shared mask (drawn at the first call after `reset`); z itself in eval mode.
+
+        Args:
+            z: A batch-first tensor `[B, ...]`; the mask is `[1, ...]`, shared by all rows.
+
+        Returns:
+            The masked z (scaled by 1/(1-p)), or z in eval mode or with p = 0.
+        """
         if not self.training or self.p == 0.0:
             return z
         shape = (1,) + tuple(z.shape[1:])

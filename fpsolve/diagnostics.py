@@ -61,7 +61,27 @@ NUDGE = 1e-3
 
 
 class Flag(enum.Enum):
-    """What can be wrong with one sample's fixed point (see `Report.flags`)."""
+    """What can be wrong with one sample's fixed point (see `Report.flags`).
+
+    Members, worst first: `DIVERGENCE` (iterates or residuals grow without bound or turn
+    non-finite), `FALSE_HALT` (the step passed the tolerance but the estimated distance to the
+    fixed point is 10x the tolerance or more), `INCONSISTENT` (the state settled but the
+    user's `check(z, x)` says it is wrong), `OSCILLATION` (plain iteration cycles or circles),
+    `UNSTABLE_FIXED_POINT` (a root with spectral radius >= 1: plain iteration cannot settle
+    there), `STAGNATION` (the residual stopped falling well above the tolerance),
+    `SLOW_CONTRACTION` (converges, but so slowly that the budget was spent or nearly),
+    `PATH_DEPENDENCE` (restarts reach another fixed point), `INPUT_INSENSITIVE` (the fixed
+    point barely depends on x), `BUDGET_TOO_SMALL` (the budget ran out before f could be
+    judged). `flag.message` says what to try.
+
+    Example:
+        ```python
+        flip = lambda z: -z + 1.0   # plain iteration from 0 cycles: 0, 1, 0, ...
+        report = fpsolve.diagnose(flip, torch.zeros(1, 2), solver="fixed_point", max_iter=20)
+        assert fpsolve.Flag.OSCILLATION in report.flags[0] and int(report.period[0]) == 2
+        print(fpsolve.Flag.OSCILLATION.message)
+        ```
+    """
 
     DIVERGENCE = "divergence"
     FALSE_HALT = "false_halt"
@@ -76,12 +96,30 @@ class Flag(enum.Enum):
 
     @property
     def severity(self) -> int:
-        """Rank used to list samples worst first (0 is the worst)."""
+        """Rank used to list samples worst first (0 is the worst): the member's position.
+
+        Returns:
+            0 for `DIVERGENCE`, up to `len(Flag) - 1` for `BUDGET_TOO_SMALL`.
+
+        Example:
+            ```python
+            assert fpsolve.Flag.DIVERGENCE.severity < fpsolve.Flag.SLOW_CONTRACTION.severity
+            ```
+        """
         return list(Flag).index(self)
 
     @property
     def message(self) -> str:
-        """One line: what the flag means and what to try."""
+        """One line: what the flag means and what to try.
+
+        Returns:
+            The message that `print(report)` lists under "what the flags mean".
+
+        Example:
+            ```python
+            print(fpsolve.Flag.FALSE_HALT.message)
+            ```
+        """
         return _MESSAGES[self]
 
 
@@ -145,14 +183,41 @@ _MESSAGES = {
 
 @dataclass
 class Report:
-    """Per-sample diagnosis of a fixed-point map (all tensors `[B]` unless noted).
+    """Per-sample diagnosis of a fixed-point map, returned by `diagnose` (tensors `[B]` unless noted).
 
-    `flags[i]` is the set of `Flag`s of sample i (empty: a healthy, unique, attracting fixed
-    point). `period` is the cycle length of plain iteration of f (0: it settles, or no cycle
-    up to `max_period` was found). `spectral_radius` estimates the spectral radius of ∂f/∂z
-    at the returned point. The other fields are the evidence the flags were decided on;
-    `sample_notes[i]` says what sample i's flags alone do not (e.g. how many more iterations a
-    BUDGET_TOO_SMALL sample needed).
+    `print(report)` shows `report.summary()`: the flagged samples worst first, what each flag
+    means and what to try. The fields after `solution` are the evidence the flags were
+    decided on.
+
+    Attributes:
+        flags: A list of length B; `flags[i]` is the frozenset of `Flag`s of sample i (empty:
+            a healthy, unique, attracting fixed point).
+        period: int64: the cycle length of plain iteration of f (0: it settles, or no cycle
+            up to `max_period` was found).
+        spectral_radius: An estimate of the spectral radius of ∂f/∂z at the returned point.
+        solution: The `Solution` of the solve it ran.
+        eigenvalues: `[B, k]` complex Ritz values: the estimate of the outer spectrum of ∂f/∂z.
+        tolerance: The sample's halting tolerance atol + rtol ||f(z)|| at the returned point.
+        distance: The estimated distance ||z - z*|| to the fixed point.
+        contraction: Residual decay per iteration of the solve (nan: too few iterations).
+        sensitivity: Relative change of z* over relative change of x (nan: no floating x).
+        restart_distance: The largest distance from the solution to a converged restart's
+            fixed point (nan: none).
+        plain_trace: `[N, B]` residual of plain iteration of f from z0 (nan once it stopped).
+        jacobian: How J v was taken: "forward" (forward-mode AD) or "differences".
+        evaluations: Rows passed through f by each part of the diagnosis.
+        notes: Anything that did not run as planned (reported, never raised).
+        options: The solve options used.
+        sample_notes: Per sample, what its flags alone do not say ("" when nothing), e.g. how
+            many more iterations a `BUDGET_TOO_SMALL` sample needed.
+
+    Example:
+        ```python
+        report = fpsolve.diagnose(lambda z, x: 0.5 * z + x, torch.zeros(3, 2), torch.randn(3, 2))
+        assert bool(report.healthy.all()) and report.flags == [frozenset()] * 3
+        assert torch.allclose(report.spectral_radius, torch.full((3,), 0.5), atol=1e-3)
+        print(report)
+        ```
     """
 
     flags: List[FrozenSet[Flag]]
@@ -186,15 +251,37 @@ class Report:
 
     @property
     def healthy(self) -> Tensor:
-        """bool [B]: the sample has no flag."""
+        """bool `[B]`: the sample has no flag.
+
+        Returns:
+            True where `flags[i]` is empty.
+        """
         return torch.tensor([not s for s in self.flags], dtype=torch.bool)
 
     def mask(self, flag: Flag) -> Tensor:
-        """bool [B]: the samples that carry `flag`."""
+        """bool `[B]`: the samples that carry `flag`.
+
+        Args:
+            flag: The `Flag` to look for.
+
+        Returns:
+            True where `flag in flags[i]`.
+
+        Example:
+            ```python
+            flip = lambda z: -z + 1.0
+            report = fpsolve.diagnose(flip, torch.zeros(2, 1), solver="fixed_point", max_iter=20)
+            assert report.mask(fpsolve.Flag.OSCILLATION).tolist() == [True, True]
+            ```
+        """
         return torch.tensor([flag in s for s in self.flags], dtype=torch.bool)
 
     def order(self) -> List[int]:
-        """Sample indices, worst first (most severe flag, then most flags, then index)."""
+        """Sample indices, worst first (most severe flag, then most flags, then index).
+
+        Returns:
+            A permutation of `range(B)`; healthy samples come last.
+        """
         def key(i: int) -> Tuple[int, int, int]:
             s = self.flags[i]
             worst = min((f.severity for f in s), default=len(Flag))
@@ -202,7 +289,14 @@ class Report:
         return sorted(range(len(self.flags)), key=key)
 
     def describe(self, i: int) -> str:
-        """One line on sample i: its flags, status, iterations, residual and spectrum."""
+        """One line on sample i: its flags, status, iterations, residual and spectrum.
+
+        Args:
+            i: The sample's index in the batch.
+
+        Returns:
+            E.g. "sample 0: OSCILLATION (period 2); MAX_ITER after 20 iterations, ...".
+        """
         sol = self.solution
         names = []
         for flag in sorted(self.flags[i], key=lambda f: f.severity):
@@ -226,7 +320,16 @@ class Report:
         return f"sample {i}: {head}; " + ", ".join(parts) + (f" ({note})" if note else "")
 
     def summary(self, max_lines: int = 20) -> str:
-        """The readable per-sample account that `str(report)` prints, worst first."""
+        """The readable per-sample account that `str(report)` prints, worst first.
+
+        Args:
+            max_lines: The most flagged samples listed one per line.
+
+        Returns:
+            A header line (flagged and healthy counts, solver options, rows spent), a line per
+            flagged sample, the flag counts, each present flag's message, the healthy samples'
+            indices and the notes.
+        """
         B = len(self.flags)
         flagged = [i for i in self.order() if self.flags[i]]
         o = self.options
@@ -262,7 +365,27 @@ class Report:
         return f"Report(B={B}, flagged={n})"
 
     def plot(self, **kwargs: Any) -> Any:
-        """A matplotlib figure: residual traces (flagged samples highlighted) and the spectrum."""
+        """A matplotlib figure: residual traces (flagged samples highlighted) and the spectrum.
+
+        Three panels: the solve's residual per sample, plain iteration's residual, and each
+        sample's Ritz values against the unit circle; flagged samples in the colour of their
+        worst flag.
+
+        Args:
+            **kwargs: `max_samples` (the most samples drawn, default 200) and `title`.
+
+        Returns:
+            A `matplotlib.figure.Figure` (matplotlib is an optional dependency, imported here).
+
+        Example:
+            ```python
+            import matplotlib
+            matplotlib.use("Agg")
+            report = fpsolve.diagnose(lambda z, x: 0.5 * z + x, torch.zeros(3, 2), torch.randn(3, 2))
+            fig = report.plot(title="a healthy contraction")   # fig.savefig("report.png") to keep it
+            assert len(fig.axes) >= 3
+            ```
+        """
         from .plot import plot_report   # matplotlib is an optional extra
         return plot_report(self, **kwargs)
 
@@ -486,14 +609,46 @@ def diagnose(
 ) -> Report:
     """Solve z = f(z, x) as `fpsolve.solve` would (same `options`) and flag, per sample, what is wrong.
 
-    `restarts` extra solves start from the origin and from points spread around the solution
-    at its own scale (0 skips the path check). `check(z, x) -> bool [B]` is the task's own
-    consistency rule; settled samples that fail it get `Flag.INCONSISTENT`: the one reliable
-    way to catch a confident wrong fixed point. `max_period`: longest cycle looked for;
-    `krylov`: Arnoldi steps for the spectrum, distance and sensitivity; `plain_iter`: budget
-    of the plain-iteration run (default max(max_iter, 4 max_period)); `jacobian`: "auto",
-    "forward" or "differences". Never raises on a badly behaved map; arguments are validated
-    as `solve` validates them.
+    It also runs plain iteration of f (the looped model as it runs), estimates the spectrum
+    of ∂f/∂z at the solution, the distance to the true fixed point and the sensitivity to x,
+    and restarts from other points. Never raises on a badly behaved map (that is what it is
+    for); runs without gradients, and leaves f's modules (training mode, BatchNorm
+    statistics) as it found them.
+
+    Args:
+        f: The map, as for `solve`.
+        z0: The starting point, as for `solve`.
+        x: The input, as for `solve`.
+        restarts: Extra solves from the origin and from points spread around the solution
+            at its own scale (an integer >= 0; 0 skips the path check).
+        check: `check(z, x) -> ` bool `[B]`: the task's own consistency rule; settled samples
+            that fail it get `Flag.INCONSISTENT` (the one reliable way to catch a confident
+            wrong fixed point).
+        max_period: The longest cycle looked for (>= 1).
+        krylov: Arnoldi steps for the spectrum, distance and sensitivity (>= 1).
+        plain_iter: Budget of the plain-iteration run; None: max(max_iter, 4 max_period).
+        jacobian: How J v is taken: "auto", "forward" (forward-mode AD) or "differences".
+        seed: Seed of the random probes and restart points (the diagnosis is reproducible).
+        **options: Keyword options of `solve` (solver, atol, rtol, max_iter, halting, norm,
+            criterion, check_every); `record` and `backward` are ignored.
+
+    Returns:
+        A `Report`: per-sample `flags`, `period`, `spectral_radius`, the `solution`, and
+        the evidence; `print(report)` lists the flagged samples worst first.
+
+    Raises:
+        TypeError: `check` not callable, or an option that `solve` does not take.
+        ValueError: `restarts` < 0, `max_period`, `krylov` or `plain_iter` < 1, an unknown
+            `jacobian`; and any argument error `solve` raises.
+
+    Example:
+        ```python
+        x = torch.tensor([[0.5, 1.0], [1.5, 1.0]])   # per sample: slope, offset
+        f = lambda z, x: x[:, :1] * z + x[:, 1:]     # sample 1 (slope 1.5) blows up
+        report = fpsolve.diagnose(f, torch.zeros(2, 1), x, solver="fixed_point", max_iter=30)
+        assert report.flags[0] == frozenset() and fpsolve.Flag.DIVERGENCE in report.flags[1]
+        print(report)
+        ```
 
     Cost (rows of f, per sample): the solve; one evaluation at the solution; the plain run
     (until it settles, at most `plain_iter`); `krylov` Jacobian-vector products (twice that

@@ -66,11 +66,39 @@ def spectral_bound(block: nn.Module, bound: float = 0.9, *, learned: bool = Fals
                    layers: Tuple[Type[nn.Module], ...] = LAYERS) -> nn.Module:
     """Bound the spectral norm of every `layers` weight in `block` (itself included) by b.
 
-    W → b · W / σ(W). `power_iterations=k`: σ from PyTorch's `spectral_norm` (k power-iteration
-    steps per training forward; cheap, but an estimate from below, so σ(b W/σ) can exceed b a
-    little while the weights move fast). `power_iterations=None`: σ by an exact SVD (a hard
-    bound; costs an SVD of each weight per forward). A conv weight is bounded as the matrix
-    [out, in·taps]: the convolution's own norm can exceed that by up to √taps. Returns `block`.
+    Registers the parametrisation W → b · W / σ(W) on each weight (in place), so the bound
+    holds whatever the optimiser does to the raw weight (`layer.parametrizations.weight.original`).
+    A conv weight is bounded as the matrix [out, in·taps]: the convolution's own norm can
+    exceed that by up to √taps.
+
+    Args:
+        block: The module whose layers are bounded (itself included).
+        bound: b, a finite number > 0 (the starting value when learned).
+        learned: b = max_bound · sigmoid(s) with s a parameter, so b stays in (0, max_bound).
+        max_bound: The ceiling of a learned b (a finite number > 0, above `bound`).
+        power_iterations: k: σ from PyTorch's `spectral_norm` (k power-iteration steps per
+            training forward; cheap, but an estimate from below, so σ(b W/σ) can exceed b a
+            little while the weights move fast). None: σ by an exact SVD (a hard bound; costs
+            an SVD of each weight per forward).
+        layers: The layer types bounded (default Linear and Conv1d/2d/3d).
+
+    Returns:
+        `block` itself, with its layers parametrised.
+
+    Raises:
+        TypeError: `block` not an `nn.Module`, or `learned` not a bool.
+        ValueError: `bound`/`max_bound` not finite and > 0, `bound >= max_bound` with
+            learned=True, no layer of the `layers` types in `block`, or a layer whose weight
+            is already parametrised (a bound applied twice).
+        ValueError: also `power_iterations` neither None nor a positive integer.
+
+    Example:
+        ```python
+        layer = fpsolve.spectral_bound(torch.nn.Linear(6, 6), 0.9, power_iterations=None)
+        sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+        assert abs(float(sigma) - 0.9) < 1e-5   # exact with power_iterations=None
+        print(fpsolve.lipschitz_bounds(layer))   # {'': 0.9}
+        ```
     """
     _check(bound, learned, max_bound)
     if power_iterations is not None and (isinstance(power_iterations, bool) or
@@ -87,9 +115,35 @@ def spectral_bound(block: nn.Module, bound: float = 0.9, *, learned: bool = Fals
 
 def frobenius_bound(block: nn.Module, bound: float = 0.9, *, learned: bool = False,
                     max_bound: float = 1.0, layers: Tuple[Type[nn.Module], ...] = LAYERS) -> nn.Module:
-    """Bound every `layers` weight in `block` by W → b · W / ‖W‖_F: then σ(W) ≤ b exactly, at
-    the cost of one norm, but all singular values share the budget (σ is often well below b).
-    Returns `block`."""
+    """Bound every `layers` weight in `block` by W → b · W / ‖W‖_F, so that σ(W) ≤ b exactly.
+
+    It costs one norm per weight, but all singular values share the budget (σ is often well
+    below b). The parametrisation is registered in place on each weight.
+
+    Args:
+        block: The module whose layers are bounded (itself included).
+        bound: b, a finite number > 0 (the starting value when learned).
+        learned: b = max_bound · sigmoid(s) with s a parameter, so b stays in (0, max_bound).
+        max_bound: The ceiling of a learned b (a finite number > 0, above `bound`).
+        layers: The layer types bounded (default Linear and Conv1d/2d/3d).
+
+    Returns:
+        `block` itself, with its layers parametrised.
+
+    Raises:
+        TypeError: `block` not an `nn.Module`, or `learned` not a bool.
+        ValueError: `bound`/`max_bound` not finite and > 0, `bound >= max_bound` with
+            learned=True, no layer of the `layers` types in `block`, or a layer whose weight
+            is already parametrised (a bound applied twice).
+
+    Example:
+        ```python
+        block = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        fpsolve.frobenius_bound(block, 0.5)
+        for lin in (block[0], block[2]):
+            assert float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2)) <= 0.5 + 1e-6
+        ```
+    """
     _check(bound, learned, max_bound)
     for _, layer in _layers(block, layers):
         parametrize.register_parametrization(layer, "weight", _Normalize("frobenius"))
@@ -98,7 +152,24 @@ def frobenius_bound(block: nn.Module, bound: float = 0.9, *, learned: bool = Fal
 
 
 def lipschitz_bounds(block: nn.Module) -> Dict[str, float]:
-    """The current bound b of every bounded layer in `block`, by name (for a logger)."""
+    """The current bound b of every bounded layer in `block`, by name (for a logger).
+
+    Layers bounded by `spectral_bound` or `frobenius_bound`; with learned=True the values
+    move as training goes.
+
+    Args:
+        block: The module (its own bound is listed under the name "").
+
+    Returns:
+        `{module name: b}` as floats; empty when nothing in `block` is bounded.
+
+    Example:
+        ```python
+        block = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+        fpsolve.spectral_bound(block, 0.5, learned=True, max_bound=1.0)
+        assert fpsolve.lipschitz_bounds(block) == {"0": 0.5, "2": 0.5}   # learned: moves in training
+        ```
+    """
     out = {}
     for name, layer in block.named_modules():
         if parametrize.is_parametrized(layer, "weight"):

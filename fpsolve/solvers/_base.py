@@ -18,8 +18,12 @@ State = Tuple[Any, ...]
 
 @runtime_checkable
 class Solver(Protocol):
-    """init(z, fz, g) -> state; step(state, z, fz, g, k) -> (next z, state).
+    """The protocol of a solver: `init(z, fz, g) -> state`; `step(state, z, fz, g, k) -> (next z, state)`.
 
+    A solver only proposes the next iterate: fpsolve's one loop owns halting, the best
+    iterate, statuses and the trace, and calls `init` once and `step` once per evaluation of
+    f. Every tensor of a state is batch-first over the active rows (the loop drops halted rows
+    with `index_select`, or with the solver's own `compact(state, keep)` if it has one).
     `z` is the current iterate `[b, ...]`, `fz = f(z)`, `g = fz - z`, and `k` counts the
     evaluations already made for these rows, minus one (0 at the first step). Steps run under
     `torch.no_grad()` (with grad for `Unroll`); a solver may update its own state buffers in
@@ -32,11 +36,49 @@ class Solver(Protocol):
     row follows the trajectory of the int-k path. A solver that supports this says so with
     the class attribute `per_row = True` (optional, so not a protocol member: a solver
     without it is still a Solver); `stream` rejects one without it.
+
+    Example:
+        ```python
+        class HalfStep:   # z <- z + (f(z) - z) / 2, a user-written solver
+            def init(self, z, fz, g):
+                return ()
+            def step(self, state, z, fz, g, k):
+                return z + 0.5 * g, state
+        assert isinstance(HalfStep(), fpsolve.Solver)
+        sol = fpsolve.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), torch.ones(2, 3), solver=HalfStep())
+        assert bool(sol.converged.all())
+        ```
     """
 
-    def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State: ...
+    def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State:
+        """Make the solver's state for the rows of z, after the first evaluation of f.
 
-    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]: ...
+        Args:
+            z: The first iterate of the active rows, `[b, ...]`.
+            fz: f(z), shaped like z.
+            g: The residual f(z) - z.
+
+        Returns:
+            A tuple of batch-first tensors `[b, ...]` (other entries pass through unchanged).
+        """
+        ...
+
+    def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, State]:
+        """Propose the next iterate of every row from the current one.
+
+        Args:
+            state: The state from `init` or the previous `step`, rows matching z.
+            z: The current iterate `[b, ...]`.
+            fz: f(z), shaped like z.
+            g: The residual f(z) - z.
+            k: Evaluations already made for these rows, minus one (0 at the first step); or
+                an int64 tensor `[b]` of per-row counts (`fpsolve.stream`), 0 marking a row
+                that holds a new sample.
+
+        Returns:
+            The next iterate (shaped like z) and the updated state.
+        """
+        ...
 
 
 def compact(state: State, index: Tensor) -> State:

@@ -38,17 +38,39 @@ WINDOW = 10
 
 @dataclass(frozen=True)
 class Anderson:
-    """Anderson acceleration mixing the last `m` iterates.
+    """Anderson acceleration mixing the last `m` iterates (type II, Walker & Ni 2011).
 
-    `beta`: mixing (damping) factor; `regularization`: λ, relative to each history column's
-    squared norm (default 1e-5 in float32, 1e-10 in float64). A sample whose small system
-    cannot be solved gets a plain damped step; the others are unaffected. `safeguard`: a
-    sample whose accelerated iterate does not lower its residual falls back to the plain step
-    from the point before (see the module docstring); False gives the textbook iteration.
-    Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
+    Each step solves a small regularised least-squares problem per sample over the last `m`
+    residual differences and mixes the iterates with it. A sample whose small system cannot be
+    solved gets a plain damped step; the others are unaffected. With `safeguard=True`, a sample
+    whose accelerated iterate does not lower its residual enough falls back to the plain
+    (damped) step from the point before (no extra evaluation of f), so Anderson is never
+    worse than plain iteration on a map where plain iteration converges. `solver="anderson"`
+    builds `Anderson()`. Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
     2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
     12.9 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
     in place (never two copies of the history).
+
+    Args:
+        m: How many past iterates are mixed (an integer >= 1).
+        beta: The mixing (damping) factor, in (0, 2].
+        regularization: λ, the ridge relative to each history column's squared norm; None:
+            1e-5 in float32, 1e-10 in float64.
+        safeguard: Fall back to the plain step where acceleration does not lower the
+            residual; False gives the textbook iteration.
+
+    Raises:
+        ValueError: `m` not a positive integer, `beta` not in (0, 2], `regularization` not
+            positive, or `safeguard` not a bool.
+
+    Example:
+        ```python
+        A = 0.95 * torch.eye(3, dtype=torch.float64)   # slow for plain iteration
+        f = lambda z, x: z @ A + x
+        x = torch.ones(4, 3, dtype=torch.float64)
+        sol = fpsolve.solve(f, torch.zeros_like(x), x, solver=fpsolve.Anderson(m=3), rtol=1e-8)
+        assert torch.allclose(sol.z, x / 0.05) and int(sol.iterations.max()) < 10
+        ```
     """
 
     m: int = 5
@@ -72,6 +94,16 @@ class Anderson:
         return 1e-10 if dtype == torch.float64 else 1e-5
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State:
+        """Empty history buffers for the rows of z (m slots each), after the first evaluation.
+
+        Args:
+            z: The first iterate of the active rows, `[b, ...]`.
+            fz: f(z), shaped like z.
+            g: The residual f(z) - z.
+
+        Returns:
+            The history, its Gram matrix and the safeguard's per-row bookkeeping.
+        """
         b, n, m = z.shape[0], z[0].numel(), self.m
         dg_hist = z.new_empty(b, m, n)   # slots [:filled] are valid; the rest is never read
         dz_hist = z.new_empty(b, m, n)   # columns Δz + β Δg
@@ -93,6 +125,20 @@ class Anderson:
         return a if self.beta == 1.0 else a.add(g, alpha=self.beta)
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
+        """One Anderson step per row (a plain damped step where the safeguard rejects).
+
+        Args:
+            state: The state from `init` or the previous `step`, rows matching z.
+            z: The current iterate `[b, ...]`.
+            fz: f(z), shaped like z.
+            g: The residual f(z) - z.
+            k: Evaluations already made for these rows, minus one (0 at the first step); or
+                an int64 tensor `[b]` of per-row counts (`fpsolve.stream`), 0 marking a row
+                that holds a new sample.
+
+        Returns:
+            The next iterate and the updated history.
+        """
         if isinstance(k, Tensor):
             return self._step_rows(state, z, fz, g, k)
         if self.safeguard:
@@ -234,7 +280,15 @@ class Anderson:
         return z_next.view(z.shape), state
 
     def compact(self, state: State, keep: Tensor) -> State:
-        """Drop halted rows; the history moves in place (see `keep_rows`), not copied."""
+        """Drop halted rows; the history moves in place, not copied.
+
+        Args:
+            state: The solver state of the active rows.
+            keep: int64 `[b_kept]`: the rows to keep, as indices into the state.
+
+        Returns:
+            The state of the kept rows, in the order of `keep`.
+        """
         dg_hist, dz_hist, system, g_prev, a_prev, *rest = state
         ok = is_ascending(keep)
         owned = rest[-1] == "guarded"   # (otherwise g_prev, a_prev are views of the loop's tensors)

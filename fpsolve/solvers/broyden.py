@@ -37,16 +37,36 @@ WINDOW = 10
 
 @dataclass(frozen=True)
 class Broyden:
-    """Limited-memory Broyden with at most `memory` rank-one pairs (per sample).
+    """Limited-memory "good" Broyden with at most `memory` rank-one pairs (per sample).
 
-    `min_denominator`: an update whose Sherman-Morrison denominator is this small relative to
-    |Δz|·|H Δg| is skipped for that sample (keeps the estimate finite). `line_search`: a
-    sample whose step does not lower its residual enough backtracks along it (halving the
-    step, at most 5 times; each trial costs one evaluation of f); False gives the textbook
-    iteration. Memory (measured, benchmarks/memory_solvers.py): 2·memory state-sized vectors
+    A quasi-Newton method on g(z) = f(z) - z: the inverse Jacobian estimate starts at -I (the
+    first step is plain iteration) and gets one rank-one update per step; when `memory` pairs
+    are stored it restarts from -I. `solver="broyden"` builds `Broyden()`. Memory (measured, benchmarks/memory_solvers.py): 2·memory state-sized vectors
     per sample, plus 2 (g and z of the last accepted point) and about 5 of step temporaries
     at the peak: 36.6 state-sized buffers at memory = 15 (either line_search);
     halted rows are dropped in place (never two copies of the pairs).
+
+    Args:
+        memory: The most rank-one pairs kept per sample (an integer >= 1).
+        min_denominator: An update whose Sherman-Morrison denominator is this small relative
+            to |Δz|·|H Δg| is skipped for that sample (keeps the estimate finite).
+        line_search: A sample whose step does not lower its residual enough backtracks
+            along it (halving the step, at most 5 times; each trial costs one evaluation of
+            f); False gives the textbook iteration.
+
+    Raises:
+        ValueError: `memory` not a positive integer, `min_denominator` not positive, or
+            `line_search` not a bool.
+
+    Example:
+        ```python
+        A = torch.tensor([[0.9, 0.3], [-0.3, 0.9]], dtype=torch.float64)   # a slow rotation
+        x = torch.ones(2, 2, dtype=torch.float64)
+        sol = fpsolve.solve(lambda z, x: z @ A.T + x, torch.zeros_like(x), x,
+                            solver=fpsolve.Broyden(memory=8), rtol=1e-10)
+        exact = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, x.T).T
+        assert torch.allclose(sol.z, exact) and int(sol.iterations.max()) <= 8
+        ```
     """
 
     memory: int = 15
@@ -62,6 +82,16 @@ class Broyden:
             raise ValueError(f"Broyden(line_search=...) must be True or False; got {self.line_search!r}.")
 
     def init(self, z: Tensor, fz: Tensor, g: Tensor) -> State:
+        """Empty pair buffers for the rows of z (the estimate starts at H = -I).
+
+        Args:
+            z: The first iterate of the active rows, `[b, ...]`.
+            fz: f(z), shaped like z.
+            g: The residual f(z) - z.
+
+        Returns:
+            The pair buffers, the pair count and the line search's per-row bookkeeping.
+        """
         b, n = z.shape[0], z[0].numel()
         u = z.new_empty(b, self.memory, n)   # slots [:count] are valid; the rest is never read
         v = z.new_empty(b, self.memory, n)
@@ -72,7 +102,15 @@ class Broyden:
         return (u, v, g.reshape(b, n), z.reshape(b, n), 0, z.new_zeros(b, WINDOW), z.new_ones(b), False)
 
     def compact(self, state: State, keep: Tensor) -> State:
-        """Drop halted rows, moving only the filled pairs, in place (see `keep_rows`)."""
+        """Drop halted rows, moving only the filled pairs, in place.
+
+        Args:
+            state: The solver state of the active rows.
+            keep: int64 `[b_kept]`: the rows to keep, as indices into the state.
+
+        Returns:
+            The state of the kept rows, in the order of `keep`.
+        """
         u, v, g_prev, z_prev, count, *rest = state
         n = keep.shape[0]
         ok = is_ascending(keep) and not torch.is_grad_enabled() and not (u.requires_grad or v.requires_grad)
@@ -91,6 +129,20 @@ class Broyden:
         return (u2, v2, keep_rows(g_prev, keep, owned), keep_rows(z_prev, keep, owned), count, *rest)
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
+        """One quasi-Newton step z - H g per row (a backtracking trial where the line search rejects).
+
+        Args:
+            state: The state from `init` or the previous `step`, rows matching z.
+            z: The current iterate `[b, ...]`.
+            fz: f(z), shaped like z.
+            g: The residual f(z) - z.
+            k: Evaluations already made for these rows, minus one (0 at the first step); or
+                an int64 tensor `[b]` of per-row counts (`fpsolve.stream`), 0 marking a row
+                that holds a new sample.
+
+        Returns:
+            The next iterate and the updated pairs.
+        """
         if isinstance(k, Tensor):
             return self._step_rows(state, z, fz, g, k)
         u_hist, v_hist, g_prev, z_prev, count, r_prev, t, mode = state
