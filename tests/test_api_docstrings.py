@@ -131,3 +131,19 @@ def test_the_checks_catch_a_missing_section() -> None:
     assert _takes_arguments(fpsolve.solve)
     with pytest.raises(ZeroDivisionError):
         exec(compile(_example_code("S.\n\nExample:\n    ```python\n    1 / 0\n    ```\n"), "<t>", "exec"), {})
+
+
+@pytest.mark.parametrize("name", [n for n in fpsolve.__all__ if callable(getattr(fpsolve, n))
+                                  and not (isinstance(getattr(fpsolve, n), type)
+                                           and issubclass(getattr(fpsolve, n), (BaseException, enum.Enum)))])
+def test_every_parameter_is_documented(name):
+    """Every parameter of a public function or constructor has its entry under Args."""
+    obj = getattr(fpsolve, name)
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        pytest.skip(f"{name} has no inspectable signature")
+    doc = inspect.getdoc(obj) or ""
+    missing = [p for p in sig.parameters if p not in ("self", "options", "args", "kwargs")
+               and f"{p}:" not in doc and f"{p} (" not in doc]
+    assert not missing, f"{name}: parameters not documented: {missing}"
