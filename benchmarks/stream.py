@@ -263,6 +263,7 @@ def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = N
         methods["stream, compile=True (bookkeeping)"] = lambda f: run_stream(s, f, check_every, compile=True)
         methods["fixed depth, compiled f"] = lambda f: run_fixed(s, f, K)
         methods["stream, compiled f, compile=True"] = lambda f: run_stream(s, f, check_every, compile=True)
+        fs["stream, compile=True (bookkeeping)"] = s.f
         fs["fixed depth, compiled f"] = fs["stream, compiled f, compile=True"] = fc
     walls: Dict[str, List[float]] = {m: [] for m in methods}
     counts: Dict[str, Tuple[int, int]] = {}
