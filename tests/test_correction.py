@@ -215,3 +215,28 @@ def test_pass_past_the_budget_and_wrong_type_are_errors() -> None:
         fpsolve.DEQ(block, max_iter=10, correction=fpsolve.Correction(passes=(11,)))
     with pytest.raises(TypeError, match="correction"):
         fpsolve.solve(block, torch.zeros_like(x), x, correction=(2, 4))
+
+
+def test_the_training_example_runs_with_correction(tmp_path) -> None:
+    """examples/train_deq.py --correction: one epoch, each mode without and with correction."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tqdm")
+    import importlib.util
+    import pathlib
+    import sys
+    path = pathlib.Path(__file__).parents[1] / "examples" / "train_deq.py"
+    spec = importlib.util.spec_from_file_location("train_deq_example_corr", path)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example          # (its dataclasses look their module up)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(example)
+        out = example.main(["--modes", "phantom", "--epochs", "1", "--figure", "", "--no-progress",
+                            "--correction", "--correction-passes", "2,4"])
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop(spec.name, None)
+    assert set(out) == {"phantom", "phantom+correction"}
+    h = out["phantom+correction"]
+    assert h.test_acc[-1] > 0.6 and h.fwd_iters[-1] > 1
+    assert h.loss[-1] > out["phantom"].loss[-1]   # (the loss carries the extra correction terms)
