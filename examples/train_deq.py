@@ -2,6 +2,7 @@
 
     python examples/train_deq.py                       # all three modes, about a minute on CPU
     python examples/train_deq.py --modes implicit --epochs 30
+    python examples/train_deq.py --modes implicit,phantom --correction   # each mode without and with
 
 The data is scikit-learn's `load_digits` (1797 images of 8x8 pixels, 10 classes), which ships
 inside the scikit-learn package: nothing is downloaded. The model is
@@ -20,6 +21,11 @@ steps; unroll: the recorded forward passes), wall time of training, and the most
 for backward in one training step: the distinct storages autograd saves, parameters and data
 left out (counted with torch.autograd.graph.saved_tensors_hooks). A figure of loss, accuracy
 and iterations over training is written to docs/figures/train_deq.png.
+
+`--correction` trains each mode twice, without and with fixed-point correction: the DEQ hands
+back its iterates at `--correction-passes` (fpsolve.Correction, each with one phantom step) and
+the loss adds the cross-entropy of the head on each, weighted gamma^(n-i) as in DEQ-Flow
+(the final state weighs 1).
 """
 from __future__ import annotations
 
@@ -75,11 +81,11 @@ class Cell(nn.Module):
 
 
 class DEQClassifier(nn.Module):
-    def __init__(self, width: int, backward) -> None:
+    def __init__(self, width: int, backward, correction=None, gain: float = 0.9) -> None:
         super().__init__()
         self.enc = nn.Linear(64, width)
-        self.deq = fpsolve.DEQ(Cell(width), solver="anderson", backward=backward,
-                               rtol=1e-4, max_iter=30)
+        self.deq = fpsolve.DEQ(Cell(width, gain), solver="anderson", backward=backward,
+                               rtol=1e-4, max_iter=30, correction=correction)
         self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor):
@@ -96,6 +102,7 @@ class History:
     mode: str
     loss: List[float] = field(default_factory=list)          # mean training loss per epoch
     test_acc: List[float] = field(default_factory=list)
+    early_acc: List[List[float]] = field(default_factory=list)   # per epoch: at each correction pass
     fwd_iters: List[float] = field(default_factory=list)     # mean per sample, per epoch
     bwd_iters: List[float] = field(default_factory=list)
     epoch_seconds: List[float] = field(default_factory=list)
@@ -121,15 +128,37 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).double().mean())
 
 
-def train(mode: str, data, args, progress: bool) -> History:
+def correction_loss(model: DEQClassifier, sol: fpsolve.Solution, y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Cross-entropy of the head on each kept iterate, weighted gamma^(n-i) (n: the states,
+    the final one included, which the caller weighs 1): fixed-point correction."""
+    n = len(sol.path) + 1
+    return sum(gamma ** (n - 1 - i) * nn.functional.cross_entropy(model.head(z), y)
+               for i, z in enumerate(sol.path))
+
+
+@torch.no_grad()
+def early_accuracy(model: DEQClassifier, x: torch.Tensor, y: torch.Tensor, passes) -> List[float]:
+    """Test accuracy of the head on the iterate at each of `passes` (an early exit there),
+    read from `sol.path` of one solve with the model's own options."""
+    options = dict(model.deq.options, correction=fpsolve.Correction(passes=passes), backward="none")
+    model.eval()     # (in training mode spectral_norm would take a power-iteration step)
+    sol = fpsolve.solve(model.deq.block, torch.zeros(x.shape[0], model.head.in_features), model.enc(x),
+                        **options)
+    model.train()
+    return [float((model.head(z).argmax(dim=1) == y).double().mean()) for z in sol.path]
+
+
+def train(mode: str, data, args, progress: bool, corrected: bool = False) -> History:
     from tqdm import tqdm
 
     x_tr, y_tr, x_te, y_te = data
     backward = MODES[mode]
     torch.manual_seed(args.seed)             # the same initial weights for every mode
-    model = DEQClassifier(args.width, backward)
+    correction = fpsolve.Correction(passes=args.correction_passes, steps=1) if corrected else None
+    model = DEQClassifier(args.width, backward, correction, args.gain)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     order = torch.Generator().manual_seed(args.seed)   # the same batches for every mode
+    mode = f"{mode}+correction" if corrected else mode
     hist = History(mode)
     # Memory kept for backward: the distinct storages autograd saves in one training step,
     # parameters and data left out (they exist anyway). Storages are held until the step ends,
@@ -161,6 +190,8 @@ def train(mode: str, data, args, progress: bool) -> History:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 logits, sol = model(xb)
                 loss = nn.functional.cross_entropy(logits, y_tr[idx])
+                if corrected:
+                    loss = loss + correction_loss(model, sol, y_tr[idx], args.correction_gamma)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -177,6 +208,8 @@ def train(mode: str, data, args, progress: bool) -> History:
         hist.fwd_iters.append(sum(fwd) / len(fwd))
         hist.bwd_iters.append(sum(bwd) / len(bwd))
         hist.test_acc.append(accuracy(model, x_te, y_te))
+        if args.correction:
+            hist.early_acc.append(early_accuracy(model, x_te, y_te, args.correction_passes))
         bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", test_acc=f"{hist.test_acc[-1]:.3f}",
                         fwd=f"{hist.fwd_iters[-1]:.1f}", bwd=f"{hist.bwd_iters[-1]:.1f}")
     return hist
@@ -202,6 +235,16 @@ def report(histories: List[History]) -> List[str]:
     return lines
 
 
+def early_report(histories: List[History], passes) -> List[str]:
+    """Test accuracy on the iterate at each correction pass (an early exit), epoch 1 → last."""
+    lines = ["| mode | " + " | ".join(f"test accuracy at pass {p} (epoch 1 → last)" for p in passes) + " |",
+             "|---|" + "---:|" * len(passes)]
+    for h in histories:
+        cells = " | ".join(f"{h.early_acc[0][i]:.3f} → {h.early_acc[-1][i]:.3f}" for i in range(len(passes)))
+        lines.append(f"| {h.mode} | {cells} |")
+    return lines
+
+
 def figure(histories: List[History], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -211,11 +254,12 @@ def figure(histories: List[History], path: str) -> None:
     colors = {"implicit": "tab:blue", "phantom": "tab:orange", "unroll": "tab:green"}
     for h in histories:
         ep = range(1, len(h.loss) + 1)
-        c = colors.get(h.mode)
-        axes[0].plot(ep, h.loss, color=c, label=h.mode)
-        axes[1].plot(ep, h.test_acc, color=c, label=h.mode)
-        axes[2].plot(ep, h.fwd_iters, color=c, label=f"{h.mode} forward")
-        axes[2].plot(ep, h.bwd_iters, color=c, linestyle="--", label=f"{h.mode} backward")
+        c = colors.get(h.mode.split("+")[0])
+        mk = dict(marker=".", markersize=4) if h.mode.endswith("+correction") else {}
+        axes[0].plot(ep, h.loss, color=c, label=h.mode, **mk)
+        axes[1].plot(ep, h.test_acc, color=c, label=h.mode, **mk)
+        axes[2].plot(ep, h.fwd_iters, color=c, label=f"{h.mode} forward", **mk)
+        axes[2].plot(ep, h.bwd_iters, color=c, linestyle="--", label=f"{h.mode} backward", **mk)
     axes[0].set(title="training loss", xlabel="epoch", yscale="log")
     axes[1].set(title="test accuracy", xlabel="epoch")
     axes[2].set(title="iterations per sample (mean)", xlabel="epoch")
@@ -244,7 +288,16 @@ def main(argv=None) -> Dict[str, History]:
                     help="where to save the figure ('' for none)")
     ap.add_argument("--json", default="", help="also write the histories to this JSON file")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--gain", type=float, default=0.9,
+                    help="the cell's gain on the spectrally normalised W (above 1: may not contract)")
+    ap.add_argument("--correction", action="store_true",
+                    help="train each mode twice: without and with fixed-point correction")
+    ap.add_argument("--correction-passes", default="3,6",
+                    help="passes whose iterates get the correction loss (comma-separated)")
+    ap.add_argument("--correction-gamma", type=float, default=0.8,
+                    help="weight gamma^(n-i) of the i-th of n states (the final one weighs 1)")
     args = ap.parse_args(argv)
+    args.correction_passes = tuple(int(p) for p in args.correction_passes.split(",") if p.strip())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
@@ -254,11 +307,14 @@ def main(argv=None) -> Dict[str, History]:
     data = load_data(args.seed)
     print(f"digits: {data[0].shape[0]} training / {data[2].shape[0]} test images; width {args.width}, "
           f"batch {args.batch}, {args.epochs} epochs, Adam lr {args.lr}, {args.threads} thread(s)")
-    histories = [train(m, data, args, progress=not args.no_progress) for m in modes]
+    runs = [(m, c) for m in modes for c in ((False, True) if args.correction else (False,))]
+    histories = [train(m, data, args, progress=not args.no_progress, corrected=c) for m, c in runs]
     print("\n".join(report(histories)))
+    if args.correction:
+        print("\n".join(early_report(histories, args.correction_passes)))
     for h in histories:
         notes = f"{h.mode}: forward samples not converged during training: {h.not_converged}"
-        if h.mode == "implicit":
+        if h.mode.startswith("implicit"):
             notes += f"; adjoint samples not converged: {h.adjoint_not_converged}"
         print(notes)
     if args.figure:

@@ -2,6 +2,7 @@
 
 Everything public is imported here; the modules behind it are private.
 """
+from ._correction import Correction
 from ._criteria import HaltHead, OutputKL, Residual, Stable
 from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
 from ._deq import DEQ, jacobian_penalty
@@ -33,6 +34,7 @@ __all__ = [
     "Implicit",
     "Phantom",
     "Unroll",
+    "Correction",
     "ConvergenceWarning",
     "DEQ",
     "jacobian_penalty",

@@ -9,6 +9,7 @@ from torch.nn.utils import parametrize
 
 from ._backward import check_transforms, make_backward
 from ._checks import as_bool, as_int, as_tolerances, usable_start
+from ._correction import check_correction
 from ._criteria import make_criterion
 from ._solution import Solution
 from ._solve import HALTINGS, NORMS, _check_choice, make_solver, solve
@@ -111,6 +112,9 @@ class DEQ(nn.Module):
             Hutchinson estimate of ||∂f/∂z||_F² at the solution (k probes), to add to the loss.
         criterion: None or a criterion object, as for `solve`.
         check_every: As for `solve`.
+        correction: None or a `fpsolve.Correction(passes=...)`: `sol.path` holds the iterates
+            at those passes, each with a phantom gradient, for a fixed-point-correction loss
+            (docs/training.md).
 
     Raises:
         TypeError: `block` not callable, or an option of the wrong type.
@@ -151,6 +155,7 @@ class DEQ(nn.Module):
         jacobian_penalty: int = 0,
         criterion: Any = None,
         check_every: Optional[int] = None,
+        correction: Any = None,
     ) -> None:
         super().__init__()
         if not callable(block):
@@ -166,11 +171,12 @@ class DEQ(nn.Module):
         record = as_bool("record", record)
         jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
         make_criterion(criterion, atol, rtol, norm)
+        check_correction(correction, max_iter)   # correction (issue 14.1)
         if check_every is not None:
             check_every = as_int("check_every", check_every)
         self.options = dict(solver=solver, backward=backward, atol=atol, rtol=rtol,
                             max_iter=max_iter, halting=halting, norm=norm, record=record,
-                            criterion=criterion, check_every=check_every)
+                            criterion=criterion, check_every=check_every, correction=correction)
         self.jacobian_penalty = jacobian_penalty
 
     def forward(self, x: Any, z0: Any = None) -> Tuple[Any, Solution]:

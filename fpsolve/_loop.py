@@ -114,8 +114,11 @@ def iterate(
     record: bool,
     round_fn: Optional[Callable[[Tensor], Tensor]] = None,
     check_every: int = 1,
+    keep: Tuple[int, ...] = (),
 ) -> Solution:
     """Solve z = fn(z, x) from z0, given fz0 = fn(z0, x); z comes back in the loop's layout.
+
+    `keep`: passes (1-based evaluation counts) whose iterates go to `sol.path` (see `_kept_path`).
 
     `rule` is the residual rule (it decides CONVERGED and the reported residual's norm); with
     `halt`, that criterion decides instead and its halts are HALTED. `round_fn` maps each new
@@ -124,7 +127,7 @@ def iterate(
     detached norms)."""
     if per_sample:
         return _iterate_sample(fn, z0, x, fz0, solver, rule=rule, halt=halt, max_iter=max_iter,
-                               record=record, round_fn=round_fn, check_every=check_every)
+                               record=record, round_fn=round_fn, check_every=check_every, keep=keep)
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
     dims = tuple(range(1, z0.ndim))
     bcast = (-1,) + (1,) * (z0.ndim - 1)
@@ -150,11 +153,14 @@ def iterate(
     recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
     one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
 
+    kept: List[Tuple[int, Optional[Tensor], Tensor]] = []   # keep (issue 14.1): (pass, rows, z)
     k = 0
     while True:
         if k > 0:
             fz = _call_f(fn, z, x, k, B, B)
         evaluations += B
+        if k + 1 in keep:                                      # keep (issue 14.1)
+            kept.append((k + 1, None, z))
         g = fz - z
         rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
         if trace_rows is not None:
@@ -196,13 +202,16 @@ def iterate(
         status = torch.where(dead_mask, int(Status.DIVERGED), status)
         z = torch.where(dead_mask.view(bcast), safe_z, z)   # (a row that died at this pass)
     iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
-    return _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
+    sol = _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
+    if keep:                                                   # keep (issue 14.1)
+        sol.path = _kept_path(keep, kept, sol.z, sol.iterations, k + 1)
+    return sol
 
 
 def _iterate_sample(
     fn: Callable[[Tensor, Any], Tensor], z0: Tensor, x: Any, fz0: Tensor, solver: Solver, *,
     rule: Residual, halt: Optional[Halt], max_iter: int, record: bool,
-    round_fn: Optional[Callable[[Tensor], Tensor]], check_every: int,
+    round_fn: Optional[Callable[[Tensor], Tensor]], check_every: int, keep: Tuple[int, ...] = (),
 ) -> Solution:
     """halting="sample": every sample stops at its own pass; stopped rows leave f's batch.
 
@@ -250,11 +259,15 @@ def _iterate_sample(
     if not bool(torch.isfinite(z0).all()):
         raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
 
+    kept: List[Tuple[int, Optional[Tensor], Tensor]] = []   # keep (issue 14.1): (pass, rows, z)
+    passes_kept = keep            # (the loop's own `keep` below is the rows that stay active)
     k = 0
     while True:
         if k > 0:
             fz = _call_f(fn, z, xa, k, n_active, B)
         evaluations += n_active
+        if k + 1 in passes_kept:                               # keep (issue 14.1)
+            kept.append((k + 1, idx, z))
         g = fz - z
         rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
         if trace_rows is not None:
@@ -347,7 +360,34 @@ def _iterate_sample(
         if round_fn is not None:
             z = round_fn(z)
         k += 1
-    return _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
+    sol = _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
+    if passes_kept:                                            # keep (issue 14.1)
+        sol.path = _kept_path(passes_kept, kept, sol.z, sol.iterations, int(sol.iterations.min()))
+    return sol
+
+
+# ---- keep (issue 14, part 1: fixed-point correction) ----------------------------------------
+def _kept_path(keep: Tuple[int, ...], kept: List[Tuple[int, Optional[Tensor], Tensor]], z: Tensor,
+               it: Tensor, fewest: int) -> List[Tensor]:
+    """Per pass p of `keep`, every sample's iterate at pass p, [B, ...] in the loop's layout.
+
+    A sample that stopped before pass p (it < p) gives its returned iterate `z` instead. The
+    iterates are the loop's own tensors (references): a copy is made only for a pass that some
+    sample did not reach (`fewest`: the fewest passes any sample received) or after rows left f.
+    """
+    at = {p: (rows, zp) for p, rows, zp in kept}
+    path = []
+    for p in keep:
+        if p not in at:                   # (the loop stopped before pass p)
+            path.append(z)
+            continue
+        rows, zp = at[p]
+        full = zp if rows is None else z.index_copy(0, rows, zp)
+        if p > fewest:
+            full = torch.where((it >= p).view((-1,) + (1,) * (z.ndim - 1)), full, z)
+        path.append(full)
+    return path
+# ---- end keep --------------------------------------------------------------------------------
 
 
 def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,

@@ -91,6 +91,8 @@ class Solution:
             backward runs; otherwise None.
         jacobian_penalty: With `DEQ(jacobian_penalty=k)`: `[B]` Hutchinson estimate of
             ||∂f/∂z||_F² at `z` (differentiable); otherwise None.
+        path: With `correction=fpsolve.Correction(passes=...)`: one entry per chosen pass, the
+            iterate there in the structure of `z0`, with a phantom gradient; otherwise None.
 
     Example:
         ```python
@@ -112,6 +114,9 @@ class Solution:
     adjoint: Optional["Solution"] = None
     #: with DEQ(jacobian_penalty=k): per-sample estimate of ||∂f/∂z||_F² at z (differentiable)
     jacobian_penalty: Optional[torch.Tensor] = None
+    #: with correction=fpsolve.Correction(passes=...): per chosen pass, every sample's iterate
+    #: there (like z0), carrying the correction's phantom gradient (fpsolve/_correction.py)
+    path: Optional[List[Any]] = None
 
     def summary(self) -> str:
         """A one-line human-readable account of the batch (what `print(sol)` shows).
@@ -213,6 +218,8 @@ class Solution:
         twin = copy.copy(self)
         twin.__dict__.pop("_followers", None)
         twin.z = _detach(self.z)
+        if self.path is not None:
+            twin.path = [_detach(p) for p in self.path]
         if self.jacobian_penalty is not None:
             twin.jacobian_penalty = self.jacobian_penalty.detach()
         self.__dict__.setdefault("_followers", []).append(twin)

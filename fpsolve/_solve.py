@@ -9,6 +9,7 @@ from torch import Tensor
 from ._backward import (Implicit, Phantom, Unroll, check_transforms, checkpointed, implicit_attach,
                         make_backward, phantom_steps, with_value)
 from ._checks import as_bool, as_int, as_tolerances, usable_start
+from ._correction import attach as attach_corrections, check_correction   # correction (issue 14.1)
 from ._criteria import Residual, make_criterion
 from ._loop import Halt, iterate
 from ._solution import Solution, Status
@@ -75,6 +76,7 @@ def solve(
     record: bool = False,
     criterion: Any = None,
     check_every: Optional[int] = None,
+    correction: Any = None,
 ) -> Solution:
     """Find z with z = f(z, x) (or f(z) when x is None) for every sample of a batch.
 
@@ -111,6 +113,9 @@ def solve(
         check_every: With halting="sample", passes between two looks of the host (stopped
             rows leave f's batch at a look; counts and results stay exact); None: fpsolve's
             default (4).
+        correction: None or a `fpsolve.Correction(passes=..., steps=k, damping=λ)`:
+            `sol.path` then holds the iterates at those passes, each with the gradient of k
+            damped steps from it (fixed-point correction).
 
     Returns:
         A `Solution` (`z` with z0's structure; `iterations`, `residual`, `converged`,
@@ -148,6 +153,7 @@ def solve(
     rule, other = make_criterion(criterion, atol, rtol, norm)
     check_every = DEFAULT_CHECK_EVERY if check_every is None else check_max_iter(check_every, "check_every")
     bw = make_backward(backward)
+    keep = check_correction(correction, max_iter)   # correction (issue 14.1)
     for t in tensors_in(x):
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
@@ -175,7 +181,8 @@ def solve(
         empty = torch.zeros(0, dtype=torch.int64, device=layout.device)
         return Solution(z=layout.unpack(z_start), iterations=empty, residual=empty.to(z_start.dtype),
                         converged=empty.bool(), status=empty.clone(), evaluations=0,
-                        trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype))
+                        trace=None if not record else torch.zeros(0, 0, dtype=z_start.dtype),
+                        path=[layout.unpack(z_start) for _ in keep] if keep else None)
     # A graph is needed only if x or a tensor f uses requires grad (f's output tells).
     needs_grad = grad_mode and fz0.requires_grad
     round_fn = None
@@ -189,13 +196,13 @@ def solve(
     if needs_grad and isinstance(bw, Unroll) and bw.steps is None:
         # Record the whole forward solve, solver algebra included (a look at every pass: the
         # graph must hold no pass after a sample stopped, whose algebra may be non-finite).
-        res = iterate(fn, z_start, x, fz0, solver_obj, **dict(options, check_every=1))
+        res = iterate(fn, z_start, x, fz0, solver_obj, **dict(options, check_every=1), keep=keep)
         z_out = res.z
     else:
         fz0 = fz0.detach() if fz0.requires_grad else fz0
         del first   # (the graph of the first call is not needed: free it before the loop)
         with torch.no_grad():
-            res = iterate(fn, z_start, x, fz0, solver_obj, **options)
+            res = iterate(fn, z_start, x, fz0, solver_obj, **options, keep=keep)
         z_out = res.z
         if needs_grad:
             if isinstance(bw, Implicit):
@@ -213,6 +220,10 @@ def solve(
                 z_out = _stepped(fn, res, x, steps, damping, halting == "sample")
     sol = res
     sol.z = layout.unpack(z_out)
+    if keep:   # ---- correction (issue 14.1): phantom gradients on the kept iterates ----
+        path = attach_corrections(fn, res.path, res, x, correction, halting == "sample") if needs_grad \
+            else [p.detach() for p in res.path]
+        sol.path = [layout.unpack(p) for p in path]
     if runner is not None:
         runner.solution, runner.rule = sol, rule
     return sol
