@@ -100,6 +100,31 @@ def _call_f(fn: Callable[[Tensor, Any], Tensor], z: Tensor, xa: Any, k: int, n_a
     return fz
 
 
+def _measurer(rule: Residual, halt: Optional[Halt], z0: Tensor) -> Callable[..., Tuple[Any, ...]]:
+    """measure(z, fz, hstate) -> (g, ||g||, ||f(z)||, excess, hstate) for one pass: excess <= 0
+    where the sample's criterion holds (the residual rule's margin, or -1/+1 from `halt`).
+    Under Unroll (grad mode) the decisions use detached norms."""
+    dims = tuple(range(1, z0.ndim))
+    neg_rtol = _constant(-rule.rtol, z0.dtype, z0.device)
+    atol_t = _constant(rule.atol, z0.dtype, z0.device) if rule.atol > 0 else None
+    one, minus_one = _constant(1.0, z0.dtype, z0.device), _constant(-1.0, z0.dtype, z0.device)
+    recording = torch.is_grad_enabled()
+
+    def measure(z: Tensor, fz: Tensor, hstate: Any) -> Tuple[Any, ...]:
+        g = fz - z
+        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
+        if halt is None:
+            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
+            if atol_t is not None:
+                excess = excess - atol_t
+        else:
+            stop, hstate = halt(z.detach(), fz.detach(), hstate)
+            excess = torch.where(stop, minus_one, one)
+        return g, rn, fnorm, excess, hstate
+
+    return measure
+
+
 def iterate(
     fn: Callable[[Tensor, Any], Tensor],
     z0: Tensor,
@@ -129,10 +154,8 @@ def iterate(
         return _iterate_sample(fn, z0, x, fz0, solver, rule=rule, halt=halt, max_iter=max_iter,
                                record=record, round_fn=round_fn, check_every=check_every, keep=keep)
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
-    dims = tuple(range(1, z0.ndim))
     bcast = (-1,) + (1,) * (z0.ndim - 1)
-    neg_rtol = _constant(-rule.rtol, dtype, dev)
-    atol_t = _constant(rule.atol, dtype, dev) if rule.atol > 0 else None
+    measure = _measurer(rule, halt, z0)
     done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
     floor = math.sqrt(z0[0].numel()) if rule.norm == "l2" else 1.0
     if not bool(torch.isfinite(z0).all()):
@@ -150,8 +173,6 @@ def iterate(
     hstate = halt.init(z0) if halt is not None else None
     evaluations = 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
-    recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
-    one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
 
     kept: List[Tuple[int, Optional[Tensor], Tensor]] = []   # keep (issue 14.1): (pass, rows, z)
     k = 0
@@ -161,17 +182,9 @@ def iterate(
         evaluations += B
         if k + 1 in keep:                                      # keep (issue 14.1)
             kept.append((k + 1, None, z))
-        g = fz - z
-        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
+        g, rn, fnorm, excess, hstate = measure(z, fz, hstate)
         if trace_rows is not None:
             trace_rows.append((None, rn))
-        if halt is None:
-            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
-            if atol_t is not None:
-                excess = excess - atol_t
-        else:
-            stop, hstate = halt(z.detach(), fz.detach(), hstate)
-            excess = torch.where(stop, minus_one, one)
         if limit is None:
             limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
         # The one host sync of a pass: is every sample still running and within bounds?
@@ -223,14 +236,11 @@ def _iterate_sample(
     from f, x and the solver state at the look (one gather per field).
     """
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
-    dims = tuple(range(1, z0.ndim))
     rows_b = (-1,) + (1,) * (z0.ndim - 1)        # a [b] mask against [b, ...]
     at_b = (1, -1) + (1,) * (z0.ndim - 1)         # a [b] pass index against [w, b, ...]
-    neg_rtol = _constant(-rule.rtol, dtype, dev)
-    atol_t = _constant(rule.atol, dtype, dev) if rule.atol > 0 else None
+    measure = _measurer(rule, halt, z0)
     done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
     floor = math.sqrt(z0[0].numel()) if rule.norm == "l2" else 1.0
-    recording = torch.is_grad_enabled()   # Unroll: decisions use detached norms
     compact_state = getattr(solver, "compact", None) or compact
 
     finished: List[_Finished] = []
@@ -246,7 +256,6 @@ def _iterate_sample(
     win_z: List[Tensor] = []
     win_r: List[Tensor] = []
     win_e: List[Tensor] = []              # excess over the tolerance (<= 0: met), or -1/+1
-    one, minus_one = _constant(1.0, dtype, dev), _constant(-1.0, dtype, dev)
     step_cache: dict = {}
 
     def steps_of(w: int) -> Tensor:
@@ -268,17 +277,9 @@ def _iterate_sample(
         evaluations += n_active
         if k + 1 in passes_kept:                               # keep (issue 14.1)
             kept.append((k + 1, idx, z))
-        g = fz - z
-        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
+        g, rn, fnorm, excess, hstate = measure(z, fz, hstate)
         if trace_rows is not None:
             trace_rows.append((idx, rn))
-        if halt is None:
-            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
-            if atol_t is not None:
-                excess = excess - atol_t
-        else:
-            stop, hstate = halt(z.detach(), fz.detach(), hstate)
-            excess = torch.where(stop, minus_one, one)
         if limit is None:
             limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
         win_z.append(z)
