@@ -168,7 +168,7 @@ def iterate(
     dead_mask: Optional[Tensor] = None
     any_dead = False
     z, fz = z0, fz0
-    safe_z = limit = None
+    safe_z = safe_r = limit = None
     state = None
     hstate = halt.init(z0) if halt is not None else None
     evaluations = 0
@@ -190,10 +190,11 @@ def iterate(
         # The one host sync of a pass: is every sample still running and within bounds?
         # (nan fails the `> 0` test, so non-finite values are caught.)
         if torch.minimum(limit - rn, excess).min().item() > 0:
-            safe_z = z
+            safe_z, safe_r = z, rn
         else:
             bad = ~(rn <= limit)      # non-finite, or blown up
             safe_z = z if safe_z is None else torch.where(bad.view(bcast), safe_z, z)
+            safe_r = rn if safe_r is None else torch.where(bad, safe_r, rn)
             dead_mask = bad if dead_mask is None else dead_mask | bad
             met = (excess <= 0) | dead_mask
             all_done, any_dead = torch.stack((met.all(), dead_mask.any())).tolist()
@@ -213,7 +214,9 @@ def iterate(
     status = torch.where((excess <= 0) & (rn <= limit), done_code, int(Status.MAX_ITER))
     if dead_mask is not None:
         status = torch.where(dead_mask, int(Status.DIVERGED), status)
-        z = torch.where(dead_mask.view(bcast), safe_z, z)   # (a row that died at this pass)
+        # (a row that died at this pass goes back to its last finite iterate and its residual)
+        z = torch.where(dead_mask.view(bcast), safe_z, z)
+        rn = torch.where(dead_mask & bad, safe_r, rn)
     iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
     sol = _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
     if keep:                                                   # keep (issue 14.1)

@@ -247,8 +247,18 @@ def _stepped(fn: Callable[[Tensor, Any], Tensor], res: Solution, x: Any, steps: 
         graph = phantom_steps(fn, res.z.index_select(0, rows), select_rows(x, rows), steps, damping)
         delta = torch.zeros_like(res.z).index_copy(0, rows, graph - graph.detach())
         return res.z + delta
-    graph = phantom_steps(fn, res.z, x, steps, damping)
-    mask = ok.view((-1,) + (1,) * (graph.ndim - 1))
+    # halting="batch": f may mix rows, so a diverged row stays frozen at its value through the
+    # passes (else its non-finite f would reach every row at the next pass).
+    mask = ok.view((-1,) + (1,) * (res.z.ndim - 1))
+    frozen = res.z.detach()
+
+    class _Frozen:
+        segment = getattr(fn, "segment", None)   # (Unroll(checkpoint=c) segments, see _backward)
+
+        def __call__(self, z: Tensor, xa: Any) -> Tensor:
+            return torch.where(mask, fn(z, xa), frozen)
+
+    graph = phantom_steps(_Frozen(), res.z, x, steps, damping)
     return res.z + torch.where(mask, graph - graph.detach(), torch.zeros_like(graph))
 
 

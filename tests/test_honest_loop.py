@@ -216,3 +216,26 @@ def test_numpy_scalars_are_the_numbers_they_are():
         fpsolve.solve(f, torch.zeros_like(x), x, max_iter=np.float64(20.0))
     with pytest.raises(TypeError, match="record"):
         fpsolve.solve(f, torch.zeros_like(x), x, record="yes")
+
+
+@pytest.mark.parametrize("backward", [fpsolve.Phantom(steps=3, damping=0.8), fpsolve.Unroll(steps=3)])
+def test_a_diverged_row_does_not_spread_nan_through_phantom_passes_of_a_mixing_map(backward):
+    """halting="batch" with a map that mixes rows: the extra passes keep the dead row frozen."""
+    W = (0.3 * torch.eye(3, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    f = lambda z, x: torch.tanh(z @ W + x - 0.5 * z.mean(0, keepdim=True))  # noqa: E731
+    sol = fpsolve.solve(f, torch.zeros(4, 3, dtype=torch.float64), x, halting="batch", backward=backward,
+                        rtol=1e-8, max_iter=100)
+    assert sol.status[1] == Status.DIVERGED and (sol.status[[0, 2, 3]] == Status.CONVERGED).all()
+    assert torch.isfinite(sol.z).all()
+
+
+def test_batch_halting_a_row_that_blows_up_at_the_last_pass_reports_its_returned_residual():
+    """The row goes back to its last finite iterate, and its residual is the one measured there."""
+    x = torch.tensor([[0.5], [3.0]], dtype=torch.float64)
+    f = lambda z, x: x * z + 1  # noqa: E731
+    sol = fpsolve.solve(f, torch.zeros(2, 1, dtype=torch.float64), x, solver="fixed_point", halting="batch",
+                        rtol=1e-10, max_iter=200)
+    assert sol.status.tolist() == [Status.CONVERGED, Status.DIVERGED]
+    torch.testing.assert_close(sol.residual[1], (f(sol.z, x) - sol.z).abs()[1, 0])
