@@ -14,7 +14,8 @@ Recomputation: f is evaluated again at sol.z on the whole batch, in float64 from
 values (bfloat16: fpsolve documents the criterion in float32 from the returned values and f's
 output at them; float64 from the same values is at least as exact). f's kernels may round the
 last bit differently for another number of rows, so the criterion and the residual are compared
-with a slack of a few roundings of f's output: SLACK[dtype] * (||f(z)|| + ||z||).
+with a slack of a few roundings of the working precision: SLACK[dtype] * (||f(z)|| + ||z||)
+(float32's for bfloat16, whose criterion is computed in float32).
 
 Profiles (tests/conftest.py): "fast" by default (`make test`), "full" with FPSOLVE_HYPOTHESIS=full
 (>= 10,000 generated cases over this file; `--hypothesis-show-statistics` prints the counts).
@@ -43,7 +44,7 @@ RAISE_EXAMPLES = max(10, EXAMPLES // 4)
 
 #: relative slack in (i) and (ii), and the rounding slack per unit of ||f(z)|| + ||z||
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}
-SLACK = {torch.float64: 8 * 2.0 ** -52, torch.float32: 8 * 2.0 ** -23, torch.bfloat16: 2 * 2.0 ** -8}
+SLACK = {torch.float64: 8 * 2.0 ** -52, torch.float32: 8 * 2.0 ** -23, torch.bfloat16: 8 * 2.0 ** -23}
 
 
 def _optional(make) -> list:
@@ -296,6 +297,13 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     full_unroll = backward == "unroll" or (isinstance(backward, fpsolve.Unroll) and backward.steps is None)
     late_fault = case.fault_rows & f.fault_in_grad & (not full_unroll)
     known = late_fault | f.inf_at_start
+    if case.family == "mixing":   # (the mean carries one row's inf to every row)
+        known = known.any().expand(B)
+        # KNOWN_BATCH_SWAP: a row that dies at the last pass is swapped back to its last finite
+        # iterate after the statuses and residuals were taken, so under a mixing f the others'
+        # residuals belong to an iterate that is not returned (its own xfail test below)
+        last = case.fault_rows & diverged & (case.fault_pass == int(sol.iterations[0]) - 1)
+        known = known | last.any().expand(B)
     assert (finite | known).all(), f"(iii) non-finite rows in sol.z: {flat(sol.z)}"
     # requires_grad as API.md says
     wants = grad and backward != "none"
@@ -477,3 +485,22 @@ def test_unroll_through_anderson_with_a_tiny_ridge_has_finite_gradients():
     sol.z.sum().backward()
     assert torch.isfinite(sol.z).all()
     assert torch.isfinite(b.grad).all(), b.grad
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN_BATCH_SWAP: halting='batch', f mixes samples, a row turns "
+                   "non-finite at the last pass: it is swapped back to its last finite iterate after the other "
+                   "rows' residuals were taken, so their sol.residual is not the residual at sol.z")
+def test_batch_halting_residuals_belong_to_the_returned_iterate_when_a_row_dies_last():
+    g = lambda z, x: 0.5 * z + x + 0.2 * z.mean(0, keepdim=True)  # noqa: E731
+    calls = []
+
+    def f(z, x):   # row 1 turns NaN at the third (= last) pass
+        calls.append(1)
+        return g(z, x) if len(calls) != 3 else torch.where(torch.arange(3)[:, None] == 1, math.nan, g(z, x))
+
+    x = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    sol = fpsolve.solve(f, torch.zeros(3, 1, dtype=torch.float64), x, solver="fixed_point", halting="batch",
+                        max_iter=3, rtol=1e-12)
+    assert sol.status.tolist() == [Status.MAX_ITER, Status.DIVERGED, Status.MAX_ITER]
+    r = (g(sol.z, x) - sol.z).abs().flatten()
+    torch.testing.assert_close(sol.residual[[0, 2]], r[[0, 2]])   # reported 0.73, 1.23; true 0.637, 1.137
