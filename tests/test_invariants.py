@@ -31,7 +31,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, note, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, event, given, note, settings, strategies as st  # noqa: E402
 
 import fpsolve  # noqa: E402
 from fpsolve import Status  # noqa: E402
@@ -274,6 +274,8 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     B, dtype, st_ = case.B, case.dtype, sol.status
     note(f"status {st_.tolist()} iterations {sol.iterations.tolist()} residual {sol.residual.tolist()}")
     conv, diverged = st_ == Status.CONVERGED, st_ == Status.DIVERGED
+    for name in sorted({Status(v).name for v in st_.tolist()}):
+        event(f"status {name}")
 
     # bookkeeping
     assert sol.iterations.shape == (B,) and ((sol.iterations >= 1) & (sol.iterations <= opts["max_iter"])).all()
@@ -295,16 +297,10 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     # Unroll(steps) run after the solve, pinned by its own xfail test below)
     finite = torch.isfinite(flat(sol.z)).all(dim=1)
     full_unroll = backward == "unroll" or (isinstance(backward, fpsolve.Unroll) and backward.steps is None)
-    late_fault = case.fault_rows & f.fault_in_grad & (not full_unroll)
-    known = late_fault | f.inf_at_start
-    if case.family == "mixing":   # (the mean carries one row's inf to every row)
-        known = known.any().expand(B)
-        # KNOWN_BATCH_SWAP: a row that dies at the last pass is swapped back to its last finite
-        # iterate after the statuses and residuals were taken, so under a mixing f the others'
-        # residuals belong to an iterate that is not returned (its own xfail test below)
-        last = case.fault_rows & diverged & (case.fault_pass == int(sol.iterations[0]) - 1)
-        known = known | last.any().expand(B)
+    known = known_violations(case, f, sol, full_unroll)
     assert (finite | known).all(), f"(iii) non-finite rows in sol.z: {flat(sol.z)}"
+    if known.any():
+        event("exempt: a KNOWN_* violation (inf at start, NaN in phantom passes, batch last-pass swap)")
     # requires_grad as API.md says
     wants = grad and backward != "none"
     z_leaf = sol.z[0] if case.tuple_state else sol.z
@@ -336,6 +332,8 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     assert not (diverged & ~allowed_div & ~grew).any(), (
         f"(v) DIVERGED rows {(diverged & ~allowed_div & ~grew).nonzero().flatten().tolist()} on a bounded "
         f"map without non-finite values (peak ||z|| {f.peak.tolist()})")
+    if (diverged & ~allowed_div & grew).any():
+        event("DIVERGED: a bounded row whose accelerated iterates grew without bound")
     lies = ~torch.isfinite(rep) & ~diverged & ~known
     assert not lies.any(), f"(v) rows {lies.nonzero().flatten().tolist()} have residual {rep.tolist()} but status {st_.tolist()}"
 
@@ -354,11 +352,29 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     if halting == "sample":
         i = data.draw(st.integers(0, B - 1), label="row solved alone")
         alone_case = sub_case(case, i)
-        alone, _, _ = run(alone_case, opts, grad, backward, record)
+        alone, f_alone, _ = run(alone_case, opts, grad, backward, record)
+        if bool(known_violations(alone_case, f_alone, alone, full_unroll)[0]):
+            return   # (a KNOWN_* violation in the solve alone)
         assert alone.status.tolist() == [int(st_[i])], (alone.status, st_[i])
         assert alone.iterations.tolist() == [int(sol.iterations[i])], (alone.iterations, sol.iterations[i])
         torch.testing.assert_close(flat(alone.z), flat(sol.z)[i:i + 1], rtol=1e-6 if dtype == torch.float64 else 1e-3,
                                    atol=1e-9 * float(start_scale(case)[i]), equal_nan=bool(known[i]))
+
+
+def known_violations(case: Case, f: Recorder, sol: Any, full_unroll: bool) -> torch.Tensor:
+    """Rows exempt because of a violation already pinned by a strict xfail test below."""
+    # KNOWN_PHANTOM_NAN: the fault pass fell in the passes Phantom / Unroll(steps) run after the solve
+    known = case.fault_rows & f.fault_in_grad & (not full_unroll)
+    known = known | f.inf_at_start   # KNOWN_INF_START
+    if case.family == "mixing":      # (the mean carries one row's inf to every row)
+        known = known.any().expand(case.B)
+        # KNOWN_BATCH_SWAP: a row that dies at the last pass is swapped back to its last finite
+        # iterate after the statuses and residuals were taken, so under a mixing f the others'
+        # residuals belong to an iterate that is not returned
+        diverged = sol.status == Status.DIVERGED
+        last = case.fault_rows & diverged & (case.fault_pass == int(sol.iterations[0]) - 1)
+        known = known | last.any().expand(case.B)
+    return known
 
 
 def low_ridge(solver: Any, dtype: torch.dtype, full_unroll: bool) -> bool:
