@@ -19,7 +19,7 @@ try:
 
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("fast", max_examples=100, deadline=None, derandomize=True, print_blob=True,
+    settings.register_profile("fast", max_examples=200, deadline=None, derandomize=True, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.register_profile("full", max_examples=6700, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow])

@@ -339,7 +339,7 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     assert not lies.any(), f"(v) rows {lies.nonzero().flatten().tolist()} have residual {rep.tolist()} but status {st_.tolist()}"
 
     # gradients: a failing row never poisons the others (shared c, per-row b)
-    if wants and halting == "sample" and z_leaf.requires_grad and not unroll_nan(opts["solver"], dtype, full_unroll):
+    if wants and halting == "sample" and z_leaf.requires_grad and not unroll_nan(opts["solver"], full_unroll):
         loss = flat_sum(sol.z)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fpsolve.ConvergenceWarning)
@@ -389,13 +389,11 @@ def known_violations(case: Case, f: Recorder, sol: Any, halting: str, full_unrol
     return known
 
 
-def unroll_nan(solver: Any, dtype: torch.dtype, full_unroll: bool) -> bool:
-    """KNOWN_UNROLL_NAN: Unroll() through Anderson or Broyden below float64 (or with a ridge below
-    the working precision) can give NaN gradients (pinned by its own xfail test below)."""
+def unroll_nan(solver: Any, full_unroll: bool) -> bool:
+    """KNOWN_UNROLL_NAN: Unroll() through Anderson or Broyden can give NaN gradients (pinned by its
+    own xfail test below)."""
     plain = solver == "fixed_point" or isinstance(solver, fpsolve.FixedPointIteration)
-    reg = getattr(solver, "regularization", None)
-    tiny_ridge = reg is not None and reg < 10 * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return full_unroll and not plain and (dtype != torch.float64 or tiny_ridge)
+    return full_unroll and not plain
 
 
 def flat_sum(z: Any) -> torch.Tensor:
@@ -503,9 +501,9 @@ def test_a_nan_in_the_phantom_passes_never_reaches_sol_z(backward):
     assert torch.isfinite(sol.z).all(), sol.z
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_UNROLL_NAN: Unroll() through Broyden/Anderson in float32 or "
-                   "bfloat16 (or with a ridge below the working precision) gives NaN gradients once the solver "
-                   "reaches the fixed point to rounding level")
+@pytest.mark.xfail(strict=True, reason="KNOWN_UNROLL_NAN: Unroll() through Broyden/Anderson gives NaN gradients "
+                   "once the solver's differences vanish (residual at rounding level in float32/bfloat16, or exactly "
+                   "0 in float64 while a criterion keeps the sample going)")
 @pytest.mark.parametrize("dtype, solver", [(torch.float32, "broyden"), (torch.bfloat16, "anderson"),
                                            (torch.float32, fpsolve.Anderson(m=8, regularization=1e-8))])
 def test_unroll_through_an_accelerated_solver_has_finite_gradients(dtype, solver):
@@ -518,6 +516,19 @@ def test_unroll_through_an_accelerated_solver_has_finite_gradients(dtype, solver
     sol.z.float().sum().backward()
     assert torch.isfinite(sol.z).all()
     assert torch.isfinite(c.grad), c.grad
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN_UNROLL_NAN in float64: steps of Anderson/Broyden at an exact fixed "
+                   "point (residual 0, kept going by Stable(patience=3)) give NaN gradients under Unroll()")
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_unroll_through_steps_at_an_exact_fixed_point_has_finite_gradients(solver):
+    c = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[-140.0], [40.0]], dtype=torch.float64)       # tanh saturates: f(z) = ±1 exactly
+    f = lambda z, x: torch.tanh(0.98 * z + c * x)  # noqa: E731
+    sol = fpsolve.solve(f, torch.zeros(2, 1, dtype=torch.float64), x, solver=solver, max_iter=4, backward="unroll",
+                        criterion=fpsolve.Stable(lambda z: z, patience=3))
+    sol.z.sum().backward()
+    assert torch.isfinite(c.grad), c.grad                              # fixed_point gives 0
 
 
 @pytest.mark.xfail(strict=True, reason="KNOWN_BATCH_SWAP: halting='batch', f mixes samples, a row turns "
