@@ -14,9 +14,9 @@ def one_thread():
 
 # Hypothesis profiles for the property tests (tests/test_invariants.py reads max_examples):
 # "fast" for `make test` (deterministic), "full" (FPSOLVE_HYPOTHESIS=full) for >= 10,000 cases.
-try:
-    import os
+import os  # noqa: E402
 
+try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile("fast", max_examples=200, deadline=None, derandomize=True, print_blob=True,
