@@ -297,10 +297,10 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     # Unroll(steps) run after the solve, pinned by its own xfail test below)
     finite = torch.isfinite(flat(sol.z)).all(dim=1)
     full_unroll = backward == "unroll" or (isinstance(backward, fpsolve.Unroll) and backward.steps is None)
-    known = known_violations(case, f, sol, halting, full_unroll, extra_passes(backward, grad))
+    known = known_violations(case, f, sol, full_unroll)
     assert (finite | known).all(), f"(iii) non-finite rows in sol.z: {flat(sol.z)}"
     if known.any():
-        event("exempt: a KNOWN_* violation (inf at start, NaN in phantom passes, batch last-pass swap)")
+        event("exempt: a KNOWN_* violation (inf at start, NaN in phantom passes, batch swap under a mixing f)")
     # requires_grad as API.md says
     wants = grad and backward != "none"
     z_leaf = sol.z[0] if case.tuple_state else sol.z
@@ -354,8 +354,7 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
         i = data.draw(st.integers(0, B - 1), label="row solved alone")
         alone_case = sub_case(case, i)
         alone, f_alone, _ = run(alone_case, opts, grad, backward, record)
-        if bool(known[i]) or bool(known_violations(alone_case, f_alone, alone, halting, full_unroll,
-                                                   extra_passes(backward, grad))[0]):
+        if bool(known[i]) or bool(known_violations(alone_case, f_alone, alone, full_unroll)[0]):
             return   # (a KNOWN_* violation in the batch or in the solve alone)
         assert alone.status.tolist() == [int(st_[i])], (alone.status, st_[i])
         assert alone.iterations.tolist() == [int(sol.iterations[i])], (alone.iterations, sol.iterations[i])
@@ -365,29 +364,17 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
                                    atol=1e-9 * float(start_scale(case)[i]))
 
 
-def extra_passes(backward: Any, grad: bool) -> int:
-    """How many passes of f Phantom / Unroll(steps) run from the solution (0 for the others)."""
-    bw = {"phantom": fpsolve.Phantom()}.get(backward, backward) if isinstance(backward, str) else backward
-    steps = getattr(bw, "steps", None) if isinstance(bw, (fpsolve.Phantom, fpsolve.Unroll)) else None
-    return steps if grad and steps is not None else 0
-
-
-def known_violations(case: Case, f: Recorder, sol: Any, halting: str, full_unroll: bool, passes: int) -> torch.Tensor:
+def known_violations(case: Case, f: Recorder, sol: Any, full_unroll: bool) -> torch.Tensor:
     """Rows exempt because of a violation already pinned by a strict xfail test below."""
     # KNOWN_PHANTOM_NAN: the fault pass fell in the passes Phantom / Unroll(steps) run after the solve
     known = case.fault_rows & f.fault_in_grad & (not full_unroll)
     known = known | f.inf_at_start   # KNOWN_INF_START
-    if halting == "batch":
-        # KNOWN_BATCH_SWAP: a row that dies at the pass where the batch stops is swapped back to its
-        # last finite iterate after the residuals were taken: its sol.residual (non-finite or past
-        # the divergence limit) is not the residual at sol.z, nor, under a mixing f, are the others'
-        rep = sol.residual.detach().double()
-        known = known | ((sol.status == Status.DIVERGED) & (~torch.isfinite(rep) | (rep >= 1e5 * start_scale(case))))
     if case.family == "mixing":      # (the mean carries one row's trouble to every row)
         known = known.any().expand(case.B)
-        # KNOWN_BATCH_PHANTOM_SPREAD: Phantom / Unroll(steps >= 2) under halting="batch" step every
-        # row, a diverged row's NaN included, so a mixing f spreads it to the healthy rows' sol.z
-        if passes >= 2 and bool(f.nonfinite.any()):
+        # KNOWN_BATCH_SWAP: a row that dies at the pass where the batch stops is swapped back to its
+        # last finite iterate after the others' residuals were taken (under a mixing f they belong
+        # to an iterate that is not returned)
+        if bool((sol.status == Status.DIVERGED).any()):
             known = torch.ones_like(known)
     return known
 
@@ -560,28 +547,25 @@ def test_batch_halting_residuals_belong_to_the_returned_iterate_when_a_row_dies_
     torch.testing.assert_close(sol.residual[[0, 2]], r[[0, 2]])   # reported 0.73, 1.23; true 0.637, 1.137
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BATCH_PHANTOM_SPREAD: halting='batch', f mixes samples, one row "
-                   "DIVERGED (f is NaN there): Phantom/Unroll(steps>=2) step every row from the solution, so the "
-                   "NaN spreads through f and a CONVERGED row's sol.z is NaN")
 @pytest.mark.parametrize("backward", [fpsolve.Phantom(steps=2), fpsolve.Unroll(steps=2)])
 def test_a_diverged_row_never_spreads_nan_through_the_phantom_passes(backward):
+    """Found by the property test (fixed on main in 8bce8ee): the NaN used to reach a CONVERGED row."""
     W = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)      # row 1: f returns NaN
     f = lambda z, x: torch.where(x > 0, math.nan, W * z + 1 + 0.1 * z.mean(0, keepdim=True))  # noqa: E731
     sol = fpsolve.solve(f, torch.zeros(2, 1, dtype=torch.float64), x, solver="fixed_point", halting="batch",
                         max_iter=30, backward=backward)
     assert sol.status.tolist() == [Status.CONVERGED, Status.DIVERGED]
-    assert torch.isfinite(sol.z).all(), sol.z      # row 0 comes back NaN
+    assert torch.isfinite(sol.z).all(), sol.z
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BATCH_SWAP: halting='batch', a row blows up at the pass where the "
-                   "batch stops: sol.z holds its last iterate within the limit but sol.residual that of the blown-up one")
 def test_batch_halting_a_row_that_diverges_last_reports_the_residual_at_its_returned_z():
+    """Found by the property test (fixed on main in 8bce8ee): it reported 1e7 for a z whose residual is 1e6."""
     x = torch.tensor([[0.5], [10.0]], dtype=torch.float64)      # row 1 grows without bound
     f = lambda z, x: x * z + 1  # noqa: E731
     sol = fpsolve.solve(f, torch.zeros(2, 1, dtype=torch.float64), x, solver="fixed_point", halting="batch", max_iter=8)
     assert sol.status.tolist() == [Status.MAX_ITER, Status.DIVERGED]
-    torch.testing.assert_close(sol.residual, (f(sol.z, x) - sol.z).abs().flatten())   # reported 1e7, true 1e6
+    torch.testing.assert_close(sol.residual, (f(sol.z, x) - sol.z).abs().flatten())
 
 
 @pytest.mark.xfail(strict=True, reason="KNOWN_BROYDEN_UNROLL: Broyden(line_search=True) with backward='unroll' "
