@@ -31,6 +31,13 @@ DIVERGENCE_FACTOR = 1e6
 MAX_CODE = int(Status.MAX_ITER)
 
 
+def _limit(rn: Tensor, fnorm: Tensor, floor: float) -> Tensor:
+    """Per sample, the residual beyond which it is DIVERGED: DIVERGENCE_FACTOR times its
+    starting scale, floored; a non-finite start gives the floor (so it is DIVERGED at once)."""
+    scale = torch.nan_to_num(rn + fnorm, nan=floor, posinf=floor)
+    return torch.clamp_min(scale, floor).mul_(DIVERGENCE_FACTOR)
+
+
 def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Tensor, Tensor]:
     if norm == "l2":
         return torch.linalg.vector_norm(g, dim=dims), torch.linalg.vector_norm(fz, dim=dims)
@@ -186,7 +193,7 @@ def iterate(
         if trace_rows is not None:
             trace_rows.append((None, rn))
         if limit is None:
-            limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
+            limit = _limit(rn, fnorm, floor)
         # The one host sync of a pass: is every sample still running and within bounds?
         # (nan fails the `> 0` test, so non-finite values are caught.)
         if torch.minimum(limit - rn, excess).min().item() > 0:
@@ -284,7 +291,7 @@ def _iterate_sample(
         if trace_rows is not None:
             trace_rows.append((idx, rn))
         if limit is None:
-            limit = torch.clamp_min(rn + fnorm, floor).mul_(DIVERGENCE_FACTOR)
+            limit = _limit(rn, fnorm, floor)
         win_z.append(z)
         win_r.append(rn)
         win_e.append(excess)
@@ -295,10 +302,15 @@ def _iterate_sample(
             # ---- the look: one host sync when nothing happened in the window -------------
             R, E = torch.stack(win_r), torch.stack(win_e)        # [w, b]
             w = R.shape[0]
-            prev = R[:-1] if best_r is None else torch.cat((best_r.unsqueeze(0), R[:-1]))
             # nothing to do: no sample met, diverged, or failed to improve (then the last
-            # iterate is every sample's best and no iterate is copied)
-            steady = torch.minimum(E, prev - R if best_r is not None else torch.cat((R[:1], prev - R[1:])))
+            # iterate is every sample's best and no iterate is copied). A residual below the
+            # best before it is finite and in bounds; the very first one is checked against
+            # the divergence limit.
+            if best_r is None:
+                improve = torch.cat((limit - R[:1], R[:-1] - R[1:]))
+            else:
+                improve = torch.cat((best_r.unsqueeze(0), R[:-1])) - R
+            steady = torch.minimum(E, improve)
             quiet = not last and steady.min().item() > 0
             if quiet:
                 best_z, best_r = z, rn

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ._backward import (Implicit, Phantom, Unroll, check_transforms, checkpointed, implicit_attach,
-                        make_backward, phantom_steps, with_value)
+                        make_backward, phantom_steps)
 from ._checks import as_bool, as_int, as_tolerances, usable_start
 from ._correction import attach as attach_corrections, check_correction   # correction (issue 14.1)
 from ._criteria import Residual, make_criterion
@@ -239,14 +239,13 @@ def _stepped(fn: Callable[[Tensor, Any], Tensor], res: Solution, x: Any, steps: 
     """
     ok = res.status != int(Status.DIVERGED)
     if bool(ok.all()):
-        return with_value(res.z, phantom_steps(fn, res.z, x, steps, damping))
+        return res.z + _finite_delta(phantom_steps(fn, res.z, x, steps, damping))
     if per_sample:
         rows = ok.nonzero().squeeze(1)
         if rows.numel() == 0:
             return res.z
         graph = phantom_steps(fn, res.z.index_select(0, rows), select_rows(x, rows), steps, damping)
-        delta = torch.zeros_like(res.z).index_copy(0, rows, graph - graph.detach())
-        return res.z + delta
+        return res.z + torch.zeros_like(res.z).index_copy(0, rows, _finite_delta(graph))
     # halting="batch": f may mix rows, so a diverged row stays frozen at its value through the
     # passes (else its non-finite f would reach every row at the next pass).
     mask = ok.view((-1,) + (1,) * (res.z.ndim - 1))
@@ -259,7 +258,14 @@ def _stepped(fn: Callable[[Tensor, Any], Tensor], res: Solution, x: Any, steps: 
             return torch.where(mask, fn(z, xa), frozen)
 
     graph = phantom_steps(_Frozen(), res.z, x, steps, damping)
-    return res.z + torch.where(mask, graph - graph.detach(), torch.zeros_like(graph))
+    return res.z + torch.where(mask, _finite_delta(graph), torch.zeros_like(graph))
+
+
+def _finite_delta(graph: Tensor) -> Tensor:
+    """graph - graph.detach() (zero valued, carrying graph's gradient), and zero without a
+    gradient on a row where the passes turned non-finite (so sol.z never does)."""
+    finite = torch.isfinite(graph.detach()).flatten(1).all(dim=1).view((-1,) + (1,) * (graph.ndim - 1))
+    return torch.where(finite, graph - graph.detach(), torch.zeros_like(graph))
 
 
 def _solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor, solver: Solver,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._criteria import make_criterion
-from ._loop import DIVERGENCE_FACTOR, Halt
+from ._loop import Halt, _limit
 from ._solution import Solution, Status
 from ._checks import as_bool, as_tolerances
 from ._solve import NORMS, _check_choice, check_max_iter, make_solver
@@ -225,7 +225,7 @@ def _window(ring_r: Tensor, ring_f: Tensor, ring_met: Optional[Tensor], flat_z: 
     first stop, its best iterate merged, and the slots to emit. Compilable (compile=True)."""
     K, S = ring_r.shape
     fresh = age == 0                                             # samples that started this window
-    limit = torch.where(fresh, torch.clamp_min(ring_r[0] + ring_f[0], floor) * DIVERGENCE_FACTOR, limit)
+    limit = torch.where(fresh, _limit(ring_r[0], ring_f[0], floor), limit)
     met = (torch.addcmul(ring_r, ring_f, neg_rtol) <= atol) if ring_met is None else ring_met
     bad = ~(ring_r <= limit)                                   # non-finite, or blown up
     # status per pass (-1: runs on); a sample stops at its first pass with a status

@@ -297,14 +297,13 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
             after = torch.arange(sol.trace.shape[0])[:, None] >= sol.iterations[None, :]
             assert sol.trace[after].isnan().all(), "trace must be nan once a sample has halted"
 
-    # (iii) never a non-finite z (except KNOWN_PHANTOM_NAN: f's NaN in the passes Phantom and
-    # Unroll(steps) run after the solve, pinned by its own xfail test below)
+    # (iii) never a non-finite z
     finite = torch.isfinite(flat(sol.z)).all(dim=1)
     full_unroll = backward == "unroll" or (isinstance(backward, fpsolve.Unroll) and backward.steps is None)
     known = known_violations(case, f, sol, full_unroll)
     assert (finite | known).all(), f"(iii) non-finite rows in sol.z: {flat(sol.z)}"
     if known.any():
-        event("exempt: a KNOWN_* violation (inf at start, NaN in phantom passes, batch swap under a mixing f)")
+        event("exempt: a KNOWN_* violation (batch swap under a mixing f)")
     # requires_grad as API.md says
     wants = grad and backward != "none"
     z_leaf = sol.z[0] if case.tuple_state else sol.z
@@ -370,9 +369,7 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
 
 def known_violations(case: Case, f: Recorder, sol: Any, full_unroll: bool) -> torch.Tensor:
     """Rows exempt because of a violation already pinned by a strict xfail test below."""
-    # KNOWN_PHANTOM_NAN: the fault pass fell in the passes Phantom / Unroll(steps) run after the solve
-    known = case.fault_rows & f.fault_in_grad & (not full_unroll)
-    known = known | f.inf_at_start   # KNOWN_INF_START
+    known = torch.zeros(case.B, dtype=torch.bool)
     if case.family == "mixing":      # (the mean carries one row's trouble to every row)
         known = known.any().expand(case.B)
         # KNOWN_BATCH_SWAP: a row that dies at the pass where the batch stops is swapped back to its
@@ -471,11 +468,9 @@ def test_an_exception_from_f_reaches_the_caller_with_its_own_type(data, halting,
 # Violations the property test found, each pinned by a minimal reproduction (strict: when the
 # fix lands the test XPASSes and fails; then drop it and the matching exemption above).
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_INF_START: f(z0) = ±inf makes the divergence limit "
-                   "1e6 * (||f(z0) - z0|| + ||f(z0)||) infinite, so the row is not DIVERGED at pass 0: "
-                   "MAX_ITER with residual inf at max_iter=1, and Phantom/Unroll(steps) return a NaN row")
 @pytest.mark.parametrize("backward", ["none", "phantom"])
 def test_an_infinite_f_at_the_start_is_diverged(backward):
+    """Found by the property test (was KNOWN_INF_START: an infinite divergence limit)."""
     W = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)      # row 1: f returns +inf
     f = lambda z, x: torch.where(x > 0, torch.full_like(z, math.inf), W * z + 1)  # noqa: E731
@@ -485,10 +480,9 @@ def test_an_infinite_f_at_the_start_is_diverged(backward):
     assert torch.isfinite(sol.z).all(), sol.z
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_PHANTOM_NAN: a non-finite f(z) in the passes that Phantom "
-                   "and Unroll(steps) run after the solve makes sol.z NaN (value + (graph - graph.detach()))")
 @pytest.mark.parametrize("backward", [fpsolve.Phantom(steps=1), fpsolve.Unroll(steps=2)])
 def test_a_nan_in_the_phantom_passes_never_reaches_sol_z(backward):
+    """Found by the property test (was KNOWN_PHANTOM_NAN: value + (graph - graph.detach()))."""
     W = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     calls = []
 
