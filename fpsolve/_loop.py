@@ -107,6 +107,13 @@ def _call_f(fn: Callable[[Tensor, Any], Tensor], z: Tensor, xa: Any, k: int, n_a
     return fz
 
 
+def _check_start(z0: Tensor) -> None:
+    """A clear error for a non-finite start (called only when the first pass is not clean:
+    a finite residual at z0 already shows that z0 is finite)."""
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
+
+
 def _measurer(rule: Residual, halt: Optional[Halt], z0: Tensor) -> Callable[..., Tuple[Any, ...]]:
     """measure(z, fz, hstate) -> (g, ||g||, ||f(z)||, excess, hstate) for one pass: excess <= 0
     where the sample's criterion holds (the residual rule's margin, or -1/+1 from `halt`).
@@ -165,8 +172,6 @@ def iterate(
     measure = _measurer(rule, halt, z0)
     done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
     floor = math.sqrt(z0[0].numel()) if rule.norm == "l2" else 1.0
-    if not bool(torch.isfinite(z0).all()):
-        raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
 
     # halting="batch": every sample receives every pass (f may mix them). The batch stops when,
     # at one iterate, every sample meets its criterion or has diverged, and returns that
@@ -199,6 +204,8 @@ def iterate(
         if torch.minimum(limit - rn, excess).min().item() > 0:
             safe_z, safe_r = z, rn
         else:
+            if k == 0:
+                _check_start(z0)
             bad = ~(rn <= limit)      # non-finite, or blown up
             safe_z = z if safe_z is None else torch.where(bad.view(bcast), safe_z, z)
             safe_r = rn if safe_r is None else torch.where(bad, safe_r, rn)
@@ -275,8 +282,6 @@ def _iterate_sample(
             t = step_cache[w] = torch.arange(w, device=dev).view(w, 1)
         return t
 
-    if not bool(torch.isfinite(z0).all()):
-        raise ValueError("z0 contains nan or inf: start from a finite point (zeros, or a previous solution).")
 
     kept: List[Tuple[int, Optional[Tensor], Tensor]] = []   # keep (issue 14.1): (pass, rows, z)
     passes_kept = keep            # (the loop's own `keep` below is the rows that stay active)
@@ -315,6 +320,8 @@ def _iterate_sample(
             if quiet:
                 best_z, best_r = z, rn
             else:
+                if best_r is None:
+                    _check_start(z0)
                 bad = ~(R <= limit)                                     # non-finite, or blown up
                 # status per pass (-1: runs on); a sample stops at its first pass with one
                 steps = steps_of(w)
@@ -326,6 +333,14 @@ def _iterate_sample(
                 at = first.clamp_max(w - 1)
                 codes = torch.where(first < w, code.gather(0, at.view(1, -1)).squeeze(0), -1)
                 met_at = codes == done_code
+                # Common at the end of a solve: every row met its criterion at one same pass p.
+                # Then the answer is that pass's iterate as it is (one sync, no gathers).
+                n_met, lo, hi = torch.stack((met_at.sum(), first.amin(), first.amax())).tolist()
+                if n_met == n_active and lo == hi:
+                    finished.append(_Finished(idx, win_z[lo], R[lo], k + 1 - (w - 1) + lo,
+                                              torch.full_like(codes, done_code)))
+                    n_active = 0
+                    break
                 # each row's answer: the pass where its criterion held, else its best (the
                 # smallest residual, earliest on ties, over the passes up to its stop, merged
                 # with the best before the window)
