@@ -197,11 +197,6 @@ def make_backward(backward: Any) -> Optional[Backward]:
     )
 
 
-def with_value(value: Tensor, graph: Tensor) -> Tensor:
-    """A tensor equal to `value` whose gradient is that of `graph` (same shape)."""
-    return value + (graph - graph.detach())
-
-
 def phantom_steps(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, steps: int, damping: float) -> Tensor:
     """`steps` damped passes of fn from z, recorded by autograd; when fn comes from
     `checkpointed` with segments of c passes, each segment is recomputed in backward (only
