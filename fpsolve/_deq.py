@@ -171,7 +171,7 @@ class DEQ(nn.Module):
         record = as_bool("record", record)
         jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
         make_criterion(criterion, atol, rtol, norm)
-        check_correction(correction, max_iter)   # correction (issue 14.1)
+        check_correction(correction, max_iter)
         if check_every is not None:
             check_every = as_int("check_every", check_every)
         self.options = dict(solver=solver, backward=backward, atol=atol, rtol=rtol,

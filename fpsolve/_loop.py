@@ -186,13 +186,13 @@ def iterate(
     evaluations = 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
 
-    kept: List[Tuple[int, Optional[Tensor], Tensor]] = []   # keep (issue 14.1): (pass, rows, z)
+    kept: List[Tuple[int, Optional[Tensor], Tensor]] = []  # (pass, rows, z) kept for sol.path
     k = 0
     while True:
         if k > 0:
             fz = _call_f(fn, z, x, k, B, B)
         evaluations += B
-        if k + 1 in keep:                                      # keep (issue 14.1)
+        if k + 1 in keep:
             kept.append((k + 1, None, z))
         g, rn, fnorm, excess, hstate = measure(z, fz, hstate)
         if trace_rows is not None:
@@ -233,7 +233,7 @@ def iterate(
         rn = torch.where(dead_mask & bad, safe_r, rn)
     iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
     sol = _result(z, rn, iterations, status, evaluations, trace_rows, B, dtype)
-    if keep:                                                   # keep (issue 14.1)
+    if keep:
         sol.path = _kept_path(keep, kept, sol.z, sol.iterations, k + 1)
     return sol
 
@@ -282,15 +282,13 @@ def _iterate_sample(
             t = step_cache[w] = torch.arange(w, device=dev).view(w, 1)
         return t
 
-
-    kept: List[Tuple[int, Optional[Tensor], Tensor]] = []   # keep (issue 14.1): (pass, rows, z)
-    passes_kept = keep            # (the loop's own `keep` below is the rows that stay active)
+    kept: List[Tuple[int, Optional[Tensor], Tensor]] = []  # (pass, rows, z) kept for sol.path
     k = 0
     while True:
         if k > 0:
             fz = _call_f(fn, z, xa, k, n_active, B)
         evaluations += n_active
-        if k + 1 in passes_kept:                               # keep (issue 14.1)
+        if k + 1 in keep:
             kept.append((k + 1, idx, z))
         g, rn, fnorm, excess, hstate = measure(z, fz, hstate)
         if trace_rows is not None:
@@ -301,7 +299,7 @@ def _iterate_sample(
         win_r.append(rn)
         win_e.append(excess)
         last = k + 1 >= max_iter
-        keep = None
+        stay = None
         if len(win_z) == check_every or last or k == 0:   # (a look after the first pass
             # catches a warm start that is already a fixed point)
             # ---- the look: one host sync when nothing happened in the window -------------
@@ -369,35 +367,34 @@ def _iterate_sample(
                 if n_done:
                     order = torch.argsort(done, stable=True)
                     n_active -= n_done
-                    keep = order[:n_active]
+                    stay = order[:n_active]
                     idx = order if idx is None else idx.index_select(0, order)
                     best_z, best_r, limit, codes, its = (
                         t.index_select(0, order) for t in (best_z, best_r, limit, codes, its))
                     finished.append(_Finished(idx[n_active:], best_z[n_active:], best_r[n_active:],
                                               its[n_active:], codes[n_active:]))
                     idx, best_z, best_r, limit = idx[:n_active], best_z[:n_active], best_r[:n_active], limit[:n_active]
-                    xa = select_rows(xa, keep)
+                    xa = select_rows(xa, stay)
                     if hstate is not None:
-                        hstate = compact_rows(hstate, keep)
+                        hstate = compact_rows(hstate, stay)
             win_z, win_r, win_e = [], [], []
         # The solver steps on the rows it has seen, then the rows that stopped are dropped
         # from its output (so f(z) and g are never copied).
         if state is None:
             state = solver.init(z, fz, g)
         z, state = solver.step(state, z, fz, g, k)
-        if keep is not None:
-            z = z.index_select(0, keep)
-            state = compact_state(state, keep)
+        if stay is not None:
+            z = z.index_select(0, stay)
+            state = compact_state(state, stay)
         if round_fn is not None:
             z = round_fn(z)
         k += 1
     sol = _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
-    if passes_kept:                                            # keep (issue 14.1)
-        sol.path = _kept_path(passes_kept, kept, sol.z, sol.iterations, int(sol.iterations.min()))
+    if keep:
+        sol.path = _kept_path(keep, kept, sol.z, sol.iterations, int(sol.iterations.min()))
     return sol
 
 
-# ---- keep (issue 14, part 1: fixed-point correction) ----------------------------------------
 def _kept_path(keep: Tuple[int, ...], kept: List[Tuple[int, Optional[Tensor], Tensor]], z: Tensor,
                it: Tensor, fewest: int) -> List[Tensor]:
     """Per pass p of `keep`, every sample's iterate at pass p, [B, ...] in the loop's layout.
@@ -418,7 +415,6 @@ def _kept_path(keep: Tuple[int, ...], kept: List[Tuple[int, Optional[Tensor], Te
             full = torch.where((it >= p).view((-1,) + (1,) * (z.ndim - 1)), full, z)
         path.append(full)
     return path
-# ---- end keep --------------------------------------------------------------------------------
 
 
 def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,

@@ -9,7 +9,7 @@ from torch import Tensor
 from ._backward import (Implicit, Phantom, Unroll, check_transforms, checkpointed, implicit_attach,
                         make_backward, phantom_steps)
 from ._checks import as_bool, as_int, as_tolerances, usable_start
-from ._correction import attach as attach_corrections, check_correction   # correction (issue 14.1)
+from ._correction import attach as attach_corrections, check_correction
 from ._criteria import Residual, make_criterion
 from ._loop import Halt, iterate
 from ._solution import Solution, Status
@@ -22,7 +22,8 @@ SOLVERS: Dict[str, Callable[[], Solver]] = {
     "broyden": Broyden,
 }
 HALTINGS = ("sample", "batch")
-#: passes between two host looks under halting="sample" (measured: docs/benchmarks.md, stream)
+#: passes between two host looks, in solve (halting="sample") and stream: measured, see
+#: docs/streaming.md (the check_every sweep)
 DEFAULT_CHECK_EVERY = 4
 NORMS = ("l2", "inf")
 
@@ -153,7 +154,7 @@ def solve(
     rule, other = make_criterion(criterion, atol, rtol, norm)
     check_every = DEFAULT_CHECK_EVERY if check_every is None else check_max_iter(check_every, "check_every")
     bw = make_backward(backward)
-    keep = check_correction(correction, max_iter)   # correction (issue 14.1)
+    keep = check_correction(correction, max_iter)
     for t in tensors_in(x):
         if t.device != layout.device:
             raise ValueError(f"x holds a tensor on {t.device} but z0 is on {layout.device}: move them to one device.")
@@ -220,7 +221,7 @@ def solve(
                 z_out = _stepped(fn, res, x, steps, damping, halting == "sample")
     sol = res
     sol.z = layout.unpack(z_out)
-    if keep:   # ---- correction (issue 14.1): phantom gradients on the kept iterates ----
+    if keep:   # fixed-point correction: phantom gradients on the kept iterates
         path = attach_corrections(fn, res.path, res, x, correction, halting == "sample") if needs_grad \
             else [p.detach() for p in res.path]
         sol.path = [layout.unpack(p) for p in path]

@@ -25,11 +25,9 @@ from ._criteria import make_criterion
 from ._loop import Halt, _limit
 from ._solution import Solution, Status
 from ._checks import as_bool, as_tolerances
-from ._solve import NORMS, _check_choice, check_max_iter, make_solver
+from ._solve import DEFAULT_CHECK_EVERY, NORMS, _check_choice, check_max_iter, make_solver
 from ._tree import StateLayout, select_rows, tensors_in
 
-#: check_every when the caller leaves it to fpsolve (see docs/streaming.md for the trade-off)
-DEFAULT_CHECK_EVERY = 4
 
 
 class StreamResult(NamedTuple):
