@@ -18,15 +18,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._criteria import make_criterion
-from ._loop import Halt, _limit
+from ._loop import DIVERGENCE_FACTOR, Halt
 from ._solution import Solution, Status
 from ._checks import as_bool, as_tolerances
 from ._solve import DEFAULT_CHECK_EVERY, NORMS, _check_choice, check_max_iter, make_solver
-from ._tree import StateLayout, select_rows, tensors_in
+from .solvers.fixed_point import FixedPointIteration
+from ._tree import StateLayout, tensors_in
+
+_MAX, _DIVERGED = int(Status.MAX_ITER), int(Status.DIVERGED)
 
 
 
@@ -58,13 +62,13 @@ class StreamResult(NamedTuple):
 
 @dataclass
 class _Chunk:
-    """Results emitted at one check: stream indices and batch-first tensors."""
+    """Results emitted at one check: the states (loop layout [n, ...]) and host-side numbers."""
 
-    index: Tensor
-    z: Tensor         # loop layout [n, ...]
-    iterations: Tensor
-    residual: Tensor
-    status: Tensor
+    index: np.ndarray
+    z: Tensor
+    iterations: np.ndarray
+    residual: np.ndarray
+    status: np.ndarray
 
 
 class _Rows:
@@ -77,7 +81,9 @@ class _Rows:
                 f"got {type(inputs).__name__}. To stream one batch, pass [x]."
             )
         self.it = iter(inputs)
-        self.parts: List[Any] = []   # pending batches, the first one from row `self.start`
+        self.parts: List[Tuple[List[Tensor], int]] = []   # pending batches as (leaves, rows),
+        # the first one from row `self.start`
+        self.template: Any = None                          # the first batch (its structure)
         self.start = 0
         self.pending = 0
         self.done = False
@@ -103,7 +109,7 @@ class _Rows:
             raise ValueError(f"inputs: batch {self.batches} holds tensors with different batch sizes; every "
                              f"tensor of a batch must share dimension 0.")
         if self.row_spec is None:
-            self.row_spec = spec
+            self.row_spec, self.template = spec, batch
         elif spec != self.row_spec:
             raise ValueError(
                 f"inputs: batch {self.batches} has rows of shape/dtype "
@@ -112,12 +118,12 @@ class _Rows:
                 f"same shape (f sees a fixed [slots, ...] batch). Pad, or stream each shape separately."
             )
         if b:
-            self.parts.append(batch)
+            self.parts.append((leaves, b))
             self.pending += b
         return True
 
-    def take(self, n: int) -> Tuple[Optional[Any], int]:
-        """Up to n next rows, as one batch (None when the stream is exhausted)."""
+    def take(self, n: int) -> Tuple[Optional[List[Tensor]], int]:
+        """Up to n next rows, as the leaves of one batch (None when the stream is exhausted)."""
         while self.pending < n and not self.done:
             self._pull()
         n = min(n, self.pending)
@@ -125,18 +131,31 @@ class _Rows:
             return None, 0
         pieces, need = [], n
         while need:
-            first = self.parts[0]
-            size = _batch_size(first) - self.start
-            m = min(need, size)
-            pieces.append(_slice_rows(first, self.start, self.start + m))
+            leaves, size = self.parts[0]
+            m = min(need, size - self.start)
+            pieces.append([t[self.start:self.start + m] for t in leaves])
             need -= m
-            if m == size:
+            if m == size - self.start:
                 self.parts.pop(0)
                 self.start = 0
             else:
                 self.start += m
         self.pending -= n
-        return (pieces[0] if len(pieces) == 1 else _cat_rows(pieces)), n
+        if len(pieces) == 1:
+            return pieces[0], n
+        return [torch.cat(ts) for ts in zip(*pieces)], n
+
+    def structure(self, leaves: List[Tensor]) -> Any:
+        """Leaves back in the structure of the stream's batches (what f and z0 receive)."""
+        return _unflatten(self.template, iter(leaves))
+
+
+def _unflatten(template: Any, leaves: Iterator[Tensor]) -> Any:
+    if isinstance(template, Tensor):
+        return next(leaves)
+    if isinstance(template, dict):
+        return {k: _unflatten(v, leaves) for k, v in template.items()}
+    return type(template)(_unflatten(v, leaves) for v in template)
 
 
 def _same_structure_leaves(batch: Any, leaves: List[Tensor]) -> bool:
@@ -151,39 +170,6 @@ def _count_leaves(x: Any) -> int:
     if isinstance(x, (tuple, list)):
         return sum(_count_leaves(v) for v in x)
     return 1   # (a non-tensor leaf: counted, so the structure check fails)
-
-
-def _batch_size(batch: Any) -> int:
-    return tensors_in(batch)[0].shape[0]
-
-
-def _slice_rows(batch: Any, a: int, b: int) -> Any:
-    if isinstance(batch, Tensor):
-        return batch[a:b]
-    if isinstance(batch, dict):
-        return {k: _slice_rows(v, a, b) for k, v in batch.items()}
-    return type(batch)(_slice_rows(v, a, b) for v in batch)
-
-
-def _cat_rows(pieces: List[Any]) -> Any:
-    first = pieces[0]
-    if isinstance(first, Tensor):
-        return torch.cat(pieces)
-    if isinstance(first, dict):
-        return {k: _cat_rows([p[k] for p in pieces]) for k in first}
-    return type(first)(_cat_rows([p[i] for p in pieces]) for i in range(len(first)))
-
-
-def _write_rows(dst: Any, index: Tensor, src: Any) -> None:
-    """dst[index] = src for every tensor of a structure, in place (fixed shapes)."""
-    if isinstance(dst, Tensor):
-        dst.index_copy_(0, index, src if src.device == dst.device else src.to(dst.device))
-    elif isinstance(dst, dict):
-        for k in dst:
-            _write_rows(dst[k], index, src[k])
-    else:
-        for d, s in zip(dst, src):
-            _write_rows(d, index, s)
 
 
 def _start_rows(z0: Any, x_rows: Any, n: int) -> Any:
@@ -215,43 +201,74 @@ def _start_rows(z0: Any, x_rows: Any, n: int) -> Any:
     return out
 
 
-def _window(ring_r: Tensor, ring_f: Tensor, ring_met: Optional[Tensor], flat_z: Tensor, limit: Tensor,
-            age: Tensor, ages: Tensor, best_z: Tensor, best_r: Tensor, active: Tensor,
-            steps: Tensor, slot_ids: Tensor, neg_rtol: Tensor, atol: float, floor: float, max_iter: int,
-            done_code: int) -> Tuple[Tensor, ...]:
-    """The fixed-shape part of a check (no sync): per-pass statuses of the window, each slot's
-    first stop, its best iterate merged, and the slots to emit. Compilable (compile=True)."""
-    K, S = ring_r.shape
-    fresh = age == 0                                             # samples that started this window
-    limit = torch.where(fresh, _limit(ring_r[0], ring_f[0], floor), limit)
-    met = (torch.addcmul(ring_r, ring_f, neg_rtol) <= atol) if ring_met is None else ring_met
-    bad = ~(ring_r <= limit)                                   # non-finite, or blown up
-    # status per pass (-1: runs on); a sample stops at its first pass with a status
-    code = torch.where(met, done_code, torch.where(ages >= max_iter - 1, int(Status.MAX_ITER), -1))
-    code = torch.where(bad, int(Status.DIVERGED), code)
-    first_stop = torch.where(code >= 0, steps, K).amin(dim=0)    # K: none in this window
-    # Each sample's answer so far: the pass where its criterion held, else its best (smallest
-    # residual over the passes up to its stop, merged with earlier windows' best).
-    at_stop = code.gather(0, first_stop.clamp(max=K - 1).unsqueeze(0)).squeeze(0)
-    at_stop = torch.where(first_stop < K, at_stop, -1)             # status at the first stop
-    done = at_stop == done_code
-    w_r, w_best = torch.where(steps <= first_stop, ring_r.nan_to_num(math.inf), math.inf).min(dim=0)
-    sel = torch.where(done, first_stop, w_best)
-    better = (w_r < best_r) | torch.isnan(best_r) | done | fresh
-    pick = flat_z.index_select(0, sel * S + slot_ids).view_as(best_z)
-    best_z = torch.where(better.view((-1,) + (1,) * (best_z.ndim - 1)), pick, best_z)
-    best_r = torch.where(better, ring_r.gather(0, sel.unsqueeze(0)).squeeze(0), best_r)
-    its = age + 1 + first_stop                                     # evaluations at the stop
-    return limit, age + K, at_stop, its, best_z, best_r, (at_stop >= 0) & active
+class _Slots:
+    """Each slot's per-sample bookkeeping on the host (numpy): a look costs microseconds, not
+    dozens of device ops, and the device keeps only the state-sized tensors."""
+
+    def __init__(self, S: int, K: int, n0: int, dtype: np.dtype) -> None:
+        self.age = np.zeros(S, dtype=np.int64)           # evaluations the slot's sample has had
+        self.limit = np.zeros(S, dtype=dtype)            # its divergence limit (set at its first pass)
+        self.best_r = np.full(S, np.nan, dtype=dtype)    # its best residual so far (nan: none yet)
+        self.active = np.arange(S) < n0                  # the slot holds a sample not yet emitted
+        self.sample = np.arange(S, dtype=np.int64)       # the sample's index in the stream
+        self.cols = np.arange(S)
+        self.steps = np.arange(K)[:, None]
 
 
-_compiled_window: Optional[Callable[..., Tuple[Tensor, ...]]] = None
+def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, floor: float, max_iter: int,
+          done_code: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One check of a window of K passes, on the host: each slot's first stop and its status
+    there, the pass holding its answer (`sel`: where its criterion held, else its best iterate
+    up to the stop), whether that beats its best so far, its iteration count, and which slots
+    stop. The same rules, on the same float32/64 numbers, as `solve`'s look."""
+    K = R.shape[0]
+    cols, age, limit, active = st.cols, st.age, st.limit, st.active
+    fresh = age == 0                                      # samples that started this window
+    if fresh.any():
+        fl = R.dtype.type(floor)
+        scale = R[0] + Fn[0]
+        lim = np.maximum(np.where(np.isfinite(scale), scale, fl), fl) * R.dtype.type(DIVERGENCE_FACTOR)
+        limit = st.limit = np.where(fresh, lim, limit)
+    ok = R <= limit                                       # False: non-finite, or blown up
+    stop = met | ~ok
+    first = stop.argmax(0)
+    first[~stop[first, cols]] = K                         # K: runs on
+    np.minimum(first, max_iter - 1 - age, out=first)      # (the budget's last pass)
+    np.maximum(first, 0, out=first)                       # (idle slots run past it)
+    at = np.minimum(first, K - 1)
+    codes = np.where(met[at, cols], done_code, _MAX)
+    codes[~ok[at, cols]] = _DIVERGED
+    codes[first == K] = -1
+    done = codes == done_code
+    # the best residual over the passes up to the stop (earliest on ties, as torch.min)
+    Rm = np.where(st.steps <= first, R, np.inf)
+    Rm[np.isnan(Rm)] = np.inf
+    sel = np.where(done, first, Rm.argmin(0))
+    r_sel = R[sel, cols]
+    better = ((r_sel < st.best_r) | np.isnan(st.best_r) | done | fresh) & active
+    np.copyto(st.best_r, r_sel, where=better)
+    its = age + 1 + first                                 # evaluations at the stop
+    st.age = age + K
+    return sel, better, codes, its, (codes >= 0) & active
+
+
+def _host(*ts: Tensor) -> List[np.ndarray]:
+    """Small tensors as numpy arrays: views on a CPU, one transfer (the look's sync) elsewhere."""
+    if ts[0].device.type == "cpu":
+        return [t.numpy() for t in ts]
+    flat = torch.cat([t.reshape(-1).to(ts[0].dtype) for t in ts]).cpu().numpy()
+    out, at = [], 0
+    for t in ts:
+        part = flat[at:at + t.numel()].reshape(tuple(t.shape))
+        out.append(part.astype(bool) if t.dtype == torch.bool else part)
+        at += t.numel()
+    return out
 
 
 def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, z0: Any, solver: Any,
                    atol: float, rtol: float, max_iter: int, norm: str, criterion: Any,
                    check_every: Optional[int], compile: bool = False) -> Iterator[Tuple[_Chunk, StateLayout]]:
-    """The engine: yields the results of each check as one chunk (tensors, loop layout)."""
+    """The engine: yields the results of each check as one chunk (loop layout)."""
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, x); got {type(f).__name__}.")
     slots = check_max_iter(slots, "slots")
@@ -266,18 +283,13 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             f"stream: solver {solver_obj!r} cannot restart single rows (no `per_row = True`); "
             f"use a built-in solver ('fixed_point', 'anderson', 'broyden')."
         )
-
-    global _compiled_window
     compile = as_bool("compile", compile)
-    if compile and _compiled_window is None:
-        _compiled_window = torch.compile(_window, dynamic=False)
-    window = _compiled_window if compile else _window
     rows = _Rows(inputs)
     x_first, n0 = rows.take(slots)
     if x_first is None:
         return
     S = slots
-    z_first = _start_rows(z0, x_first, n0)
+    z_first = _start_rows(z0, rows.structure(x_first), n0)
     layout = StateLayout(z_first if isinstance(z_first, Tensor) else tuple(z_first))
     dev, wdt = layout.device, layout.work_dtype
     round_fn = None
@@ -287,51 +299,57 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
 
     # Slot buffers: when fewer than S inputs exist, idle slots copy row 0 (a valid row).
     fill = torch.arange(S, device=dev).clamp_max_(n0 - 1) if n0 < S else None
-    x_slots = _structure_clone(x_first if fill is None else select_rows(x_first, fill.to(_dev_of(x_first))), dev)
+    x_leaves = [_private(t if fill is None else t.index_select(0, fill.to(t.device)), dev) for t in x_first]
+    x_slots = rows.structure(x_leaves)               # (its leaves are written in place)
     z = layout.pack(z_first).detach().clone()
     if fill is not None:
         z = z.index_select(0, fill)
-    sample = torch.arange(S, device=dev)         # stream index of each slot's sample
-    active = torch.arange(S, device=dev) < n0    # slot holds a sample not yet emitted
+    st = _Slots(S, check_every, n0, _host(torch.empty(0, dtype=wdt))[0].dtype)
     next_index = n0
-    age = torch.zeros(S, dtype=torch.int64, device=dev)
 
     fn = layout.wrap(f, True)
     halt = None if other is None else Halt(other, layout.unpack)
     hstate = halt.init(z) if halt is not None else None
-    dims = tuple(range(1, z.ndim))
     floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
     done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
     K = check_every
-    ring_z = z.new_empty((K,) + tuple(z.shape))     # the last K iterates of every slot
-    ring_r = z.new_empty(K, S)                       # ||f(z) - z|| at them
+    # One store of iterates: two rings of K passes (windows alternate between them, so the
+    # previous window's iterates survive the next look) and one row per slot for a best
+    # iterate that is older than that. Where each slot's answer lives is tracked on the host
+    # (`best_at`), so a sample whose residual keeps falling is never copied.
+    # Plain iteration's next iterate is f(z) itself, so its window's residuals come from the
+    # ring at the look, in three ops for all K passes, and a pass is f and one copy.
+    lazy = type(solver_obj) is FixedPointIteration and solver_obj.damping == 1.0 and round_fn is None
+    W = K + 1                                        # a ring holds passes 0..K-1 and, lazily, z_K
+    store = z.new_empty(((2 * W + 1) * S,) + tuple(z.shape[1:]))
+    saved = 2 * W * S                                # first row of the per-slot best rows
+    ring_z = store[:saved].view((2, W) + tuple(z.shape))
+    best_at = np.zeros(S, dtype=np.int64)            # row of `store` holding each slot's best
+    ring_r = z.new_empty(K, S)                       # ||f(z) - z|| at the window's passes
     ring_f = z.new_empty(K, S)                       # ||f(z)|| at them
-    ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion object's verdicts
-    flat_z = ring_z.view(K * S, -1)                  # (row p*S + i: pass p of slot i)
-    rz, rr, rf, rm = ring_z.unbind(0), ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
-    # Each slot's best iterate so far (nan: none yet), merged from the ring at every check.
-    best_z, best_r = z.clone(), torch.full((S,), math.nan, dtype=wdt, device=dev)
-    limit = torch.empty(S, dtype=wdt, device=dev)
+    ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion's verdicts
+    rz = (ring_z[0].unbind(0), ring_z[1].unbind(0))
+    window_norms = _window_norms_fn(rule.norm, compile)
+    rr, rf, rm = ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
     neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
+    needs_k = halt is not None or type(solver_obj) is not FixedPointIteration
+    record = _recorder(rule.norm, tuple(range(1, z.ndim)), compile)
     state = None
-    steps = torch.arange(K, device=dev).view(K, 1)
-    slot_ids = torch.arange(S, device=dev)
-    codes_dtype = dict(dtype=torch.int64, device=dev)
-    if rule.norm == "l2":
-        norm_into = lambda t, out: torch.linalg.vector_norm(t, dim=dims, out=out)  # noqa: E731
-    else:
-        norm_into = lambda t, out: torch.amax(t.abs(), dim=dims, out=out)  # noqa: E731
+    parity = 0
 
     while True:
         # ---- K passes with fixed shapes and no host sync: f, two norms, one copy, the step --
-        ages = age.unsqueeze(0) + steps                            # [K, S]: k of each pass
-        ks = ages.unbind(0)
+        # each row's k per pass, for the solver's restarts and the criterion's (plain iteration
+        # with the residual rule has no use for it)
+        ks = torch.from_numpy(st.age + st.steps).to(dev).unbind(0) if needs_k else range(K)
+        ring = rz[parity]
         for p in range(K):
             fz = _call(fn, z, x_slots, S)
-            g = fz - z
-            norm_into(g, rr[p])
-            norm_into(fz, rf[p])
-            rz[p].copy_(z)
+            if lazy:
+                ring[p].copy_(z)
+                g = None
+            else:
+                g = record(z, fz, ring[p], rr[p], rf[p])
             if halt is not None:
                 met, hstate = halt(z, fz, other.reset(hstate, ks[p] == 0))
                 rm[p].copy_(met)
@@ -340,50 +358,115 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             z, state = solver_obj.step(state, z, fz, g, ks[p])
             if round_fn is not None:
                 z = round_fn(z)
-        # ---- the check: statuses of the window, emit what stopped, refill the slots -------
-        limit, age, codes_now, its_now, best_z, best_r, stops = window(
-            ring_r, ring_f, ring_met if halt is not None else None, flat_z, limit, age, ages,
-            best_z, best_r, active, steps, slot_ids, neg_rtol, rule.atol, floor, max_iter, done_code)
-        emit_rows = stops.nonzero().squeeze(1)                      # the one host sync of a check
-        n_emit = emit_rows.numel()
-        if n_emit:
-            codes = codes_now.index_select(0, emit_rows)
-            out_z, out_r = best_z.index_select(0, emit_rows), best_r.index_select(0, emit_rows)
-            its = its_now.index_select(0, emit_rows)
-            yield _Chunk(sample.index_select(0, emit_rows), out_z, its, out_r, codes), layout
-            # Refill the emitted slots with the next inputs (idle slots copy a live row).
-            x_new, n_new = rows.take(n_emit)
-            if n_new:
-                slot = emit_rows[:n_new]
-                _write_rows(x_slots, slot, x_new)
-                z_new = layout.pack(_start_rows(z0, x_new, n_new))
-                z = z.index_copy(0, slot, z_new)
-                age = age.index_fill(0, slot, 0)
-                sample = sample.index_copy(0, slot, torch.arange(next_index, next_index + n_new, **codes_dtype))
-                next_index += n_new
-            if n_new < n_emit:
-                active.index_fill_(0, emit_rows[n_new:], False)
-                live = active.nonzero().squeeze(1)
-                if live.numel() == 0:
-                    return
-                idle = emit_rows[n_new:]
-                src = live[:1].expand(idle.numel())
-                _write_rows(x_slots, idle, select_rows(x_slots, src))
-                z = z.index_copy(0, idle, z.index_select(0, src))
-                age = age.index_fill(0, idle, 0)
+        # ---- the look (host): statuses of the window, emit what stopped, refill the slots --
+        if lazy:
+            ring[K].copy_(z)
+            window_norms(ring_z[parity], ring_r, ring_f)
+        met_t = ring_met if halt is not None else torch.addcmul(ring_r, ring_f, neg_rtol) <= rule.atol
+        R, Fn, M = _host(ring_r, ring_f, met_t)
+        sel, better, codes, its, stops = _look(R, Fn, M, st, floor, max_iter, done_code)
+        # a best iterate in the previous window's ring that this window did not beat is saved
+        # before the next window overwrites that ring (emitted samples are read out first)
+        old = (best_at // (W * S) == parity ^ 1) & ~better & ~stops & st.active
+        np.copyto(best_at, parity * W * S + sel * S + st.cols, where=better)
+        if old.any():
+            keep = np.flatnonzero(old)
+            store.index_copy_(0, _index(saved + keep, dev), store.index_select(0, _index(best_at[keep], dev)))
+            best_at[keep] = saved + keep
+        parity ^= 1
+        emit = np.flatnonzero(stops)
+        n_emit = emit.size
+        if not n_emit:
+            continue
+        emit_t = _index(emit, dev)
+        yield _Chunk(st.sample[emit], store.index_select(0, _index(best_at[emit], dev)), its[emit],
+                     st.best_r[emit], codes[emit]), layout
+        # Refill the emitted slots with the next inputs (idle slots copy a live row).
+        x_new, n_new = rows.take(n_emit)
+        if n_new:
+            slot = emit_t[:n_new]
+            for buf, t in zip(x_leaves, x_new):
+                buf.index_copy_(0, slot, t if t.device == buf.device else t.to(buf.device))
+            z = z.index_copy(0, slot, layout.pack(_start_rows(z0, rows.structure(x_new), n_new)))
+            st.age[emit[:n_new]] = 0
+            st.sample[emit[:n_new]] = np.arange(next_index, next_index + n_new)
+            next_index += n_new
+        if n_new < n_emit:
+            st.active[emit[n_new:]] = False
+            live = np.flatnonzero(st.active)
+            if live.size == 0:
+                return
+            idle = emit_t[n_new:]
+            src = _index(live[:1], dev).expand(idle.numel())
+            for buf in x_leaves:
+                buf.index_copy_(0, idle, buf.index_select(0, src))
+            z = z.index_copy(0, idle, z.index_select(0, src))
+            st.age[emit[n_new:]] = 0
 
 
-def _dev_of(x: Any) -> torch.device:
-    return tensors_in(x)[0].device
+def _index(a: np.ndarray, dev: torch.device) -> Tensor:
+    """An index array as an int64 tensor on the state's device."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
 
 
-def _structure_clone(x: Any, device: torch.device) -> Any:
-    """A private, contiguous copy of x on the state's device (the slots are written in place)."""
-    if isinstance(x, Tensor):
-        return x.to(device=device).clone(memory_format=torch.contiguous_format)
-    if isinstance(x, dict):
-        return {k: _structure_clone(v, device) for k, v in x.items()}
-    return type(x)(_structure_clone(v, device) for v in x)
+def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> Tensor:
+    """A pass's bookkeeping: its iterate into the ring, ||f(z) - z|| and ||f(z)||; returns g."""
+    g = fz - z
+    dims = tuple(range(1, z.ndim))
+    if l2:
+        torch.linalg.vector_norm(g, dim=dims, out=r_out)
+        torch.linalg.vector_norm(fz, dim=dims, out=f_out)
+    else:
+        torch.amax(g.abs(), dim=dims, out=r_out)
+        torch.amax(fz.abs(), dim=dims, out=f_out)
+    z_out.copy_(z)
+    return g
+
+
+def _window_norms(ring: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> None:
+    """Plain iteration's residual norms for a whole window from its iterates z_0..z_K
+    (f(z_p) = z_(p+1)): the same numbers as pass by pass, in three ops."""
+    g = ring[1:] - ring[:-1]
+    dims = tuple(range(2, ring.ndim))
+    if l2:
+        torch.linalg.vector_norm(g, dim=dims, out=r_out)
+        torch.linalg.vector_norm(ring[1:], dim=dims, out=f_out)
+    else:
+        torch.amax(g.abs(), dim=dims, out=r_out)
+        torch.amax(ring[1:].abs(), dim=dims, out=f_out)
+
+
+def _window_norms_fn(norm: str, compile: bool) -> Callable[[Tensor, Tensor, Tensor], None]:
+    l2 = norm == "l2"
+    key = ("window", l2)
+    if compile and key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda ring, r_out, f_out: _window_norms(ring, r_out, f_out, l2),
+                                       dynamic=False)
+    return _COMPILED[key] if compile else (lambda ring, r_out, f_out: _window_norms(ring, r_out, f_out, l2))
+
+
+def _recorder(norm: str, dims: Tuple[int, ...], compile: bool) -> Callable[..., Tensor]:
+    l2 = norm == "l2"
+    if compile:
+        return _compiled_record(l2)
+    return lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, l2)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_record(l2: bool) -> Callable[..., Tensor]:
+    """The pass's bookkeeping through torch.compile (one fused kernel; compiled once per shape)."""
+    fn = _COMPILED.get(l2)
+    if fn is None:
+        fn = _COMPILED[l2] = torch.compile(
+            lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, l2), dynamic=False)
+    return fn
+
+
+def _private(t: Tensor, device: torch.device) -> Tensor:
+    """A private, contiguous copy of an input field on the state's device (written in place)."""
+    return t.to(device=device).clone(memory_format=torch.contiguous_format)
 
 
 def _call(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, S: int) -> Tensor:
@@ -515,10 +598,12 @@ def solve_stream(f: Callable[..., Any], inputs: Iterable[Any], **options: Any) -
         empty = torch.zeros(0, dtype=torch.int64)
         return Solution(z=torch.zeros(0), iterations=empty, residual=empty.double(), converged=empty.bool(),
                         status=empty.clone(), evaluations=0)
-    order = torch.argsort(torch.cat([c.index for c in chunks]))
-    cat = lambda name: torch.cat([getattr(c, name) for c in chunks]).index_select(0, order)  # noqa: E731
-    status = cat("status")
-    return Solution(z=layout.unpack(cat("z")), iterations=cat("iterations"), residual=cat("residual"),
+    order = np.argsort(np.concatenate([c.index for c in chunks]), kind="stable")
+    cat = lambda name: torch.from_numpy(np.concatenate([getattr(c, name) for c in chunks])[order])  # noqa: E731
+    dev = chunks[0].z.device
+    status = cat("status").to(dev)
+    z = torch.cat([c.z for c in chunks]).index_select(0, torch.from_numpy(order).to(dev))
+    return Solution(z=layout.unpack(z), iterations=cat("iterations").to(dev), residual=cat("residual").to(dev),
                     converged=(status == int(Status.CONVERGED)) | (status == int(Status.HALTED)),
                     status=status, evaluations=calls["n"] * int(slots))
 
