@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,13 +46,13 @@ def _norms(g: Tensor, fz: Tensor, dims: Tuple[int, ...], norm: str) -> Tuple[Ten
 
 
 class _Finished:
-    """Rows that stopped together: original indices (None: all rows, in order) and results."""
+    """Rows that stopped together: their states, and on the host their original indices (None:
+    all rows, in order), residuals, iteration counts and status codes."""
 
     __slots__ = ("rows", "z", "residual", "iterations", "status")
 
-    def __init__(self, rows: Optional[Tensor], z: Tensor, residual: Tensor, iterations: Any,
-                 status: Optional[Tensor]) -> None:
-        # status: int64 per row, or None for MAX_ITER
+    def __init__(self, rows: Optional[np.ndarray], z: Tensor, residual: np.ndarray, iterations: np.ndarray,
+                 status: np.ndarray) -> None:
         self.rows, self.z, self.residual, self.iterations, self.status = rows, z, residual, iterations, status
 
 
@@ -124,16 +125,27 @@ def _measurer(rule: Residual, halt: Optional[Halt], z0: Tensor) -> Callable[...,
     one, minus_one = _constant(1.0, z0.dtype, z0.device), _constant(-1.0, z0.dtype, z0.device)
     recording = torch.is_grad_enabled()
 
-    def measure(z: Tensor, fz: Tensor, hstate: Any) -> Tuple[Any, ...]:
+    def measure(z: Tensor, fz: Tensor, hstate: Any, out: Optional[Tensor] = None) -> Tuple[Any, ...]:
+        """`out`: [3, b] rows to write ||g||, ||f(z)|| and the excess into (no allocations)."""
         g = fz - z
-        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
+        gd, fd = (g.detach(), fz.detach()) if recording else (g, fz)
+        if out is None:
+            rn, fnorm = _norms(gd, fd, dims, rule.norm)
+        else:
+            rn, fnorm = out[0], out[1]
+            if rule.norm == "l2":
+                torch.linalg.vector_norm(gd, dim=dims, out=rn)
+                torch.linalg.vector_norm(fd, dim=dims, out=fnorm)
+            else:
+                torch.amax(gd.abs(), dim=dims, out=rn)
+                torch.amax(fd.abs(), dim=dims, out=fnorm)
         if halt is None:
-            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
+            excess = torch.addcmul(rn, fnorm, neg_rtol, out=None if out is None else out[2])   # <= atol: met
             if atol_t is not None:
-                excess = excess - atol_t
+                excess = excess - atol_t if out is None else excess.sub_(atol_t)
         else:
             stop, hstate = halt(z.detach(), fz.detach(), hstate)
-            excess = torch.where(stop, minus_one, one)
+            excess = torch.where(stop, minus_one, one) if out is None else torch.where(stop, minus_one, one, out=out[2])
         return g, rn, fnorm, excess, hstate
 
     return measure
@@ -246,42 +258,38 @@ def _iterate_sample(
     """halting="sample": every sample stops at its own pass; stopped rows leave f's batch.
 
     The host looks every `check_every` passes. Between two looks a pass is f, one subtraction
-    and two norms: the iterates and norms of the window are kept (references, no copies), and
-    at the look each sample's first pass that met its criterion (or diverged, or spent the
-    budget) is found, so iteration counts and returned iterates are exact; a sample that
-    stopped inside the window only cost the rows of the passes after it. Rows are dropped
-    from f, x and the solver state at the look (one gather per field).
+    and two norms: the iterates and norms of the window are kept (references, no copies). At
+    the look the window's norms go to the host (one sync), where each sample's first pass
+    that met its criterion (or diverged, or spent the budget) is found, so iteration counts
+    and returned iterates are exact; a sample that stopped inside the window only cost the
+    rows of the passes after it. On the device a look is at most one stack and one gather of
+    iterates (none while every residual keeps falling), and the stopped rows are dropped from
+    f, x and the solver state (one gather per field).
     """
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
-    rows_b = (-1,) + (1,) * (z0.ndim - 1)        # a [b] mask against [b, ...]
-    at_b = (1, -1) + (1,) * (z0.ndim - 1)         # a [b] pass index against [w, b, ...]
     measure = _measurer(rule, halt, z0)
     done_code = int(Status.CONVERGED) if halt is None else int(Status.HALTED)
     floor = math.sqrt(z0[0].numel()) if rule.norm == "l2" else 1.0
     compact_state = getattr(solver, "compact", None) or compact
+    rows_on_device = record or bool(keep)        # (the trace and sol.path index by original row)
 
     finished: List[_Finished] = []
-    idx: Optional[Tensor] = None          # original row of each active row (made at the first drop)
+    idx: Optional[np.ndarray] = None      # original row of each active row (None: all, in order)
+    idx_t: Optional[Tensor] = None        # the same on the device, when the trace or path needs it
     z, xa, fz = z0, x, fz0
-    best_z: Optional[Tensor] = None       # best iterate before the current window (None: none yet)
-    best_r: Optional[Tensor] = None
-    limit: Optional[Tensor] = None
+    best_z: Optional[Tensor] = None       # holds each active row's best iterate before the window,
+    best_row: Optional[np.ndarray] = None  # at these rows (None: row i of active row i)
+    best_r: Optional[np.ndarray] = None   # (None: no look yet)
+    limit_t: Optional[Tensor] = None
+    limit: Optional[np.ndarray] = None
     state = None
     hstate = halt.init(z0) if halt is not None else None
     n_active, evaluations = B, 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
-    win_z: List[Tensor] = []
-    win_r: List[Tensor] = []
-    win_e: List[Tensor] = []              # excess over the tolerance (<= 0: met), or -1/+1
-    step_cache: dict = {}
-
-    def steps_of(w: int) -> Tensor:
-        """[w, 1] pass indices 0..w-1 (made once per window size)."""
-        t = step_cache.get(w)
-        if t is None:
-            t = step_cache[w] = torch.arange(w, device=dev).view(w, 1)
-        return t
-
+    win_z: List[Tensor] = []              # the window's iterates (references)
+    # the window's ||g||, ||f(z)|| and excess over the tolerance (<= 0: met; or -1/+1)
+    rn_buf = lambda b: torch.empty(3, check_every, b, dtype=z0.dtype, device=dev)  # noqa: E731
+    buf: Optional[Tensor] = None
     kept: List[Tuple[int, Optional[Tensor], Tensor]] = []  # (pass, rows, z) kept for sol.path
     k = 0
     while True:
@@ -289,95 +297,79 @@ def _iterate_sample(
             fz = _call_f(fn, z, xa, k, n_active, B)
         evaluations += n_active
         if k + 1 in keep:
-            kept.append((k + 1, idx, z))
-        g, rn, fnorm, excess, hstate = measure(z, fz, hstate)
+            kept.append((k + 1, idx_t, z))
+        if not win_z and (buf is None or buf.shape[2] != n_active):
+            buf = rn_buf(n_active)
+        g, rn, fnorm, excess, hstate = measure(z, fz, hstate, buf[:, len(win_z)])
         if trace_rows is not None:
-            trace_rows.append((idx, rn))
-        if limit is None:
-            limit = _limit(rn, fnorm, floor)
+            trace_rows.append((idx_t, rn.clone()))
+        if limit_t is None:
+            limit_t = _limit(rn, fnorm, floor)
         win_z.append(z)
-        win_r.append(rn)
-        win_e.append(excess)
         last = k + 1 >= max_iter
         stay = None
         if len(win_z) == check_every or last or k == 0:   # (a look after the first pass
             # catches a warm start that is already a fixed point)
-            # ---- the look: one host sync when nothing happened in the window -------------
-            R, E = torch.stack(win_r), torch.stack(win_e)        # [w, b]
-            w = R.shape[0]
-            # nothing to do: no sample met, diverged, or failed to improve (then the last
-            # iterate is every sample's best and no iterate is copied). A residual below the
-            # best before it is finite and in bounds; the very first one is checked against
-            # the divergence limit.
-            if best_r is None:
-                improve = torch.cat((limit - R[:1], R[:-1] - R[1:]))
-            else:
-                improve = torch.cat((best_r.unsqueeze(0), R[:-1])) - R
-            steady = torch.minimum(E, improve)
-            quiet = not last and steady.min().item() > 0
-            if quiet:
-                best_z, best_r = z, rn
-            else:
-                if best_r is None:
+            w = len(win_z)
+            if limit is None:
+                R, E, lim = host_arrays(buf[0, :w], buf[2, :w], limit_t)
+                limit = lim
+                if not np.isfinite(R[0]).all():
                     _check_start(z0)
-                bad = ~(R <= limit)                                     # non-finite, or blown up
-                # status per pass (-1: runs on); a sample stops at its first pass with one
-                steps = steps_of(w)
-                tail: Any = -1                           # (the budget's last pass stops every row)
-                if last:
-                    tail = MAX_CODE if w == 1 else torch.where(steps == w - 1, MAX_CODE, -1)
-                code = torch.where(bad, int(Status.DIVERGED), torch.where(E <= 0, done_code, tail))
-                first = torch.where(code >= 0, steps, w).amin(dim=0)            # w: runs on
-                at = first.clamp_max(w - 1)
-                codes = torch.where(first < w, code.gather(0, at.view(1, -1)).squeeze(0), -1)
-                met_at = codes == done_code
-                # Common at the end of a solve: every row met its criterion at one same pass p.
-                # Then the answer is that pass's iterate as it is (one sync, no gathers).
-                n_met, lo, hi = torch.stack((met_at.sum(), first.amin(), first.amax())).tolist()
-                if n_met == n_active and lo == hi:
-                    finished.append(_Finished(idx, win_z[lo], R[lo], k + 1 - (w - 1) + lo,
-                                              torch.full_like(codes, done_code)))
-                    n_active = 0
-                    break
-                # each row's answer: the pass where its criterion held, else its best (the
-                # smallest residual, earliest on ties, over the passes up to its stop, merged
-                # with the best before the window)
-                wr, wb = torch.where(steps <= first, R.nan_to_num(math.inf), math.inf).min(dim=0)
-                sel = torch.where(met_at, at, wb)
-                if w == 1:   # (no copy, and no index kept for backward when Unroll records)
-                    pick = win_z[0]
-                else:
-                    Z = torch.stack(win_z)
-                    pick = Z.gather(0, sel.view(at_b).expand((1,) + tuple(Z.shape[1:]))).squeeze(0)
-                pick_r = R.gather(0, sel.view(1, -1)).squeeze(0)
-                if best_r is None:    # (the start is the best so far, even when its residual is nan)
-                    out_z, out_r = pick, pick_r
-                else:
-                    better = (wr < best_r) | met_at
-                    out_z = torch.where(better.view(rows_b), pick, best_z)
-                    out_r = torch.where(better, pick_r, best_r)
-                its = k + 1 - (w - 1) + at                  # evaluations at the stop pass
-                done = codes >= 0
-                n_done = int(done.sum())                      # (the host sync of a busy look)
-                if n_done == n_active:
-                    finished.append(_Finished(idx, out_z, out_r, its, codes))
-                    n_active = 0
-                    break
-                best_z, best_r = out_z, out_r
-                if n_done:
-                    order = torch.argsort(done, stable=True)
-                    n_active -= n_done
-                    stay = order[:n_active]
-                    idx = order if idx is None else idx.index_select(0, order)
-                    best_z, best_r, limit, codes, its = (
-                        t.index_select(0, order) for t in (best_z, best_r, limit, codes, its))
-                    finished.append(_Finished(idx[n_active:], best_z[n_active:], best_r[n_active:],
-                                              its[n_active:], codes[n_active:]))
-                    idx, best_z, best_r, limit = idx[:n_active], best_z[:n_active], best_r[:n_active], limit[:n_active]
-                    xa = select_rows(xa, stay)
-                    if hstate is not None:
-                        hstate = compact_rows(hstate, stay)
-            win_z, win_r, win_e = [], [], []
+            else:
+                R, E = host_arrays(buf[0, :w], buf[2, :w])
+            cols = np.arange(n_active)
+            first, codes = _first_stops(R, E, limit, last, done_code)
+            its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
+            # each row's answer: the pass where its criterion held, else its best (the smallest
+            # residual, earliest on ties, over the passes up to its stop), if it beats the best
+            # before the window
+            met_at = codes == done_code
+            Rm = np.where((np.arange(w)[:, None] <= first) & ~np.isnan(R), R, np.inf)
+            sel = np.where(met_at, first, Rm.argmin(0))
+            better = (np.ones(n_active, dtype=bool) if best_r is None
+                      else (Rm[sel, cols] < best_r) | met_at)
+            out_r = R[sel, cols] if best_r is None else np.where(better, R[sel, cols], best_r)
+            # Where each row's answer lives: row i of the window's pass src[i], or (src == w) row
+            # best_row[i] of best_z. Rows are gathered only when they leave, or when the
+            # rows that stay no longer share one source (so a falling residual is never copied).
+            src = np.where(better, sel, w)
+            sources = win_z + [best_z]
+            rows_in = lambda r: r if best_row is None else np.where(src[r] == w, best_row[r], r)  # noqa: E731
+            done = codes >= 0
+            gone = np.flatnonzero(done)
+            for part in _by_source(src, gone):
+                p = int(src[part[0]])
+                whole = part.size == n_active and (p < w or best_row is None or
+                                                   (best_row.size == best_z.shape[0] and (best_row == cols).all()))
+                zp = sources[p] if whole else sources[p].index_select(0, _index(rows_in(part), dev))
+                finished.append(_Finished(idx if whole else (part if idx is None else idx[part]), zp,
+                                          out_r[part], its[part], codes[part]))
+            if gone.size == n_active:
+                n_active = 0
+                break
+            stay_rows = np.flatnonzero(~done) if gone.size else cols
+            parts = _by_source(src, stay_rows)
+            if len(parts) == 1:                 # (one source: keep it, with a row map)
+                p = int(src[stay_rows[0]])
+                best_row = rows_in(stay_rows) if p == w else stay_rows
+                best_z = sources[p]
+            else:
+                best_z = torch.cat([sources[int(src[q[0]])].index_select(0, _index(rows_in(q), dev)) for q in parts])
+                best_row = np.empty(stay_rows.size, dtype=np.int64)
+                best_row[np.searchsorted(stay_rows, np.concatenate(parts))] = np.arange(stay_rows.size)
+            best_r = out_r[stay_rows]
+            if gone.size:
+                stay = _index(stay_rows, dev)
+                n_active = stay_rows.size
+                idx = stay_rows if idx is None else idx[stay_rows]
+                if rows_on_device:
+                    idx_t = _index(idx, dev)
+                limit = limit[stay_rows]
+                xa = select_rows(xa, stay)
+                if hstate is not None:
+                    hstate = compact_rows(hstate, stay)
+            win_z = []
         # The solver steps on the rows it has seen, then the rows that stopped are dropped
         # from its output (so f(z) and g are never copied).
         if state is None:
@@ -389,10 +381,61 @@ def _iterate_sample(
         if round_fn is not None:
             z = round_fn(z)
         k += 1
-    sol = _result(*_assemble(finished, B), evaluations, trace_rows, B, dtype)
+    sol = _result(*_assemble(finished, B, dev), evaluations, trace_rows, B, dtype)
     if keep:
         sol.path = _kept_path(keep, kept, sol.z, sol.iterations, int(sol.iterations.min()))
     return sol
+
+
+def _by_source(src: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
+    """`rows` grouped by their value in `src` (ascending rows within a group)."""
+    if rows.size == 0:
+        return []
+    s = src[rows]
+    if (s == s[0]).all():
+        return [rows]
+    return [rows[s == v] for v in np.unique(s)]
+
+
+def _first_stops(R: np.ndarray, E: np.ndarray, limit: np.ndarray, last: bool,
+                 done_code: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row of a window [w, b]: its first pass with a status (w: none) and that status
+    (-1: runs on). DIVERGED beats the criterion, which beats the budget's last pass."""
+    ok = R <= limit                                   # False: non-finite, or blown up
+    stop = (E <= 0) | ~ok
+    if last:
+        stop[-1] = True
+    w, cols = R.shape[0], np.arange(R.shape[1])
+    first = stop.argmax(0)
+    first[~stop[first, cols]] = w
+    at = np.minimum(first, w - 1)
+    codes = np.where(~ok[at, cols], int(Status.DIVERGED), np.where(E[at, cols] <= 0, done_code, MAX_CODE))
+    codes[first == w] = -1
+    return first, codes
+
+
+_NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_}
+
+
+def host_arrays(*ts: Tensor) -> List[np.ndarray]:
+    """Small tensors as numpy arrays: views on a CPU, else one transfer (the look's one sync)."""
+    if ts[0].device.type == "cpu":
+        try:
+            return [t.numpy() for t in ts]
+        except RuntimeError:   # (tensors without storage, under torch.func transforms)
+            return [np.array(t.tolist(), dtype=_NUMPY[t.dtype]) for t in ts]
+    flat = torch.cat([t.reshape(-1).to(ts[0].dtype) for t in ts]).cpu().numpy()
+    out, at = [], 0
+    for t in ts:
+        part = flat[at:at + t.numel()].reshape(tuple(t.shape))
+        out.append(part.astype(_NUMPY[t.dtype]) if t.dtype == torch.bool else part)
+        at += t.numel()
+    return out
+
+
+def _index(a: np.ndarray, dev: torch.device) -> Tensor:
+    """An index array as an int64 tensor on the device."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
 
 
 def _kept_path(keep: Tuple[int, ...], kept: List[Tuple[int, Optional[Tensor], Tensor]], z: Tensor,
@@ -434,19 +477,14 @@ def _result(z: Tensor, r: Tensor, it: Tensor, status: Tensor, evaluations: int,
     return Solution(z=z, iterations=it, residual=r, converged=converged, status=status, evaluations=evaluations, trace=trace)
 
 
-def _assemble(finished: List[_Finished], B: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Put the finished chunks back in the original row order, with their status codes."""
-    dev = finished[0].z.device
-    codes = [torch.full((c.z.shape[0],), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
-             if c.status is None else c.status for c in finished]
+def _assemble(finished: List[_Finished], B: int, dev: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Put the finished chunks (host-side numbers) back in the original row order, as tensors."""
+    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
     if len(finished) == 1:   # everyone stopped together and no row was ever dropped
         c = finished[0]
-        its = c.iterations if isinstance(c.iterations, Tensor) else torch.full((B,), c.iterations, dtype=torch.int64, device=dev)
-        return c.z, c.residual, its, codes[0]
+        return c.z, tensor(c.residual), tensor(c.iterations), tensor(c.status)
     # Every chunk has its original rows once one was dropped; they form a permutation.
-    inverse = torch.argsort(torch.cat([c.rows for c in finished]))
-    its = torch.cat([c.iterations if isinstance(c.iterations, Tensor) else
-                     torch.full((c.z.shape[0],), c.iterations, dtype=torch.int64, device=dev) for c in finished])
-    pick = lambda parts: torch.cat(parts).index_select(0, inverse)  # noqa: E731
-    return (pick([c.z for c in finished]), pick([c.residual for c in finished]),
-            its.index_select(0, inverse), pick(codes))
+    inverse = np.argsort(np.concatenate([c.rows for c in finished]), kind="stable")
+    pick = lambda name: tensor(np.concatenate([getattr(c, name) for c in finished])[inverse])  # noqa: E731
+    z = torch.cat([c.z for c in finished]).index_select(0, _index(inverse, dev))
+    return z, pick("residual"), pick("iterations"), pick("status")

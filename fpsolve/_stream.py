@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._criteria import make_criterion
-from ._loop import DIVERGENCE_FACTOR, Halt
+from ._loop import _NUMPY, DIVERGENCE_FACTOR, Halt, _index, host_arrays
 from ._solution import Solution, Status
 from ._checks import as_bool, as_tolerances
 from ._solve import DEFAULT_CHECK_EVERY, NORMS, _check_choice, check_max_iter, make_solver
@@ -252,19 +252,6 @@ def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, floor: flo
     return sel, better, codes, its, (codes >= 0) & active
 
 
-def _host(*ts: Tensor) -> List[np.ndarray]:
-    """Small tensors as numpy arrays: views on a CPU, one transfer (the look's sync) elsewhere."""
-    if ts[0].device.type == "cpu":
-        return [t.numpy() for t in ts]
-    flat = torch.cat([t.reshape(-1).to(ts[0].dtype) for t in ts]).cpu().numpy()
-    out, at = [], 0
-    for t in ts:
-        part = flat[at:at + t.numel()].reshape(tuple(t.shape))
-        out.append(part.astype(bool) if t.dtype == torch.bool else part)
-        at += t.numel()
-    return out
-
-
 def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, z0: Any, solver: Any,
                    atol: float, rtol: float, max_iter: int, norm: str, criterion: Any,
                    check_every: Optional[int], compile: bool = False) -> Iterator[Tuple[_Chunk, StateLayout]]:
@@ -304,7 +291,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     z = layout.pack(z_first).detach().clone()
     if fill is not None:
         z = z.index_select(0, fill)
-    st = _Slots(S, check_every, n0, _host(torch.empty(0, dtype=wdt))[0].dtype)
+    st = _Slots(S, check_every, n0, np.dtype(_NUMPY[wdt]))
     next_index = n0
 
     fn = layout.wrap(f, True)
@@ -363,7 +350,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             ring[K].copy_(z)
             window_norms(ring_z[parity], ring_r, ring_f)
         met_t = ring_met if halt is not None else torch.addcmul(ring_r, ring_f, neg_rtol) <= rule.atol
-        R, Fn, M = _host(ring_r, ring_f, met_t)
+        R, Fn, M = host_arrays(ring_r, ring_f, met_t)
         sel, better, codes, its, stops = _look(R, Fn, M, st, floor, max_iter, done_code)
         # a best iterate in the previous window's ring that this window did not beat is saved
         # before the next window overwrites that ring (emitted samples are read out first)
@@ -402,11 +389,6 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
                 buf.index_copy_(0, idle, buf.index_select(0, src))
             z = z.index_copy(0, idle, z.index_select(0, src))
             st.age[emit[n_new:]] = 0
-
-
-def _index(a: np.ndarray, dev: torch.device) -> Tensor:
-    """An index array as an int64 tensor on the state's device."""
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
 
 
 def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> Tensor:
