@@ -4,10 +4,11 @@ Solvers only propose the next iterate (`solvers._base.Solver`); everything a use
 `Solution` is decided here, the same way for every solver.
 
 halting="sample" (`_iterate_sample`): a pass is f, one subtraction and two per-sample norms
-(plus the criterion); the host looks once every `check_every` passes (and after the first),
-with one sync when nothing happened in the window. At a look, each sample's first pass that
-met its criterion is found among the window's kept iterates, so counts and answers are exact,
-and the stopped rows are dropped from f, x and the solver state (one gather per field).
+(plus the criterion); the host looks once every `check_every` passes (and after the first):
+the window's norms go to the host in one sync and its decisions are made in numpy. At a look,
+each sample's first pass that met its criterion is found among the window's kept iterates, so
+counts and answers are exact; the stopped rows are gathered from the pass that holds each
+answer and dropped from f, x and the solver state (one gather per field).
 halting="batch" (`iterate`): one sync per pass; the batch stops at the first iterate where
 every sample meets its criterion or has diverged, and returns that iterate.
 """
@@ -125,27 +126,16 @@ def _measurer(rule: Residual, halt: Optional[Halt], z0: Tensor) -> Callable[...,
     one, minus_one = _constant(1.0, z0.dtype, z0.device), _constant(-1.0, z0.dtype, z0.device)
     recording = torch.is_grad_enabled()
 
-    def measure(z: Tensor, fz: Tensor, hstate: Any, out: Optional[Tensor] = None) -> Tuple[Any, ...]:
-        """`out`: [3, b] rows to write ||g||, ||f(z)|| and the excess into (no allocations)."""
+    def measure(z: Tensor, fz: Tensor, hstate: Any) -> Tuple[Any, ...]:
         g = fz - z
-        gd, fd = (g.detach(), fz.detach()) if recording else (g, fz)
-        if out is None:
-            rn, fnorm = _norms(gd, fd, dims, rule.norm)
-        else:
-            rn, fnorm = out[0], out[1]
-            if rule.norm == "l2":
-                torch.linalg.vector_norm(gd, dim=dims, out=rn)
-                torch.linalg.vector_norm(fd, dim=dims, out=fnorm)
-            else:
-                torch.amax(gd.abs(), dim=dims, out=rn)
-                torch.amax(fd.abs(), dim=dims, out=fnorm)
+        rn, fnorm = _norms(g.detach(), fz.detach(), dims, rule.norm) if recording else _norms(g, fz, dims, rule.norm)
         if halt is None:
-            excess = torch.addcmul(rn, fnorm, neg_rtol, out=None if out is None else out[2])   # <= atol: met
+            excess = torch.addcmul(rn, fnorm, neg_rtol)   # rn - rtol ||fz||; <= atol: met
             if atol_t is not None:
-                excess = excess - atol_t if out is None else excess.sub_(atol_t)
+                excess = excess - atol_t
         else:
             stop, hstate = halt(z.detach(), fz.detach(), hstate)
-            excess = torch.where(stop, minus_one, one) if out is None else torch.where(stop, minus_one, one, out=out[2])
+            excess = torch.where(stop, minus_one, one)
         return g, rn, fnorm, excess, hstate
 
     return measure
@@ -286,10 +276,9 @@ def _iterate_sample(
     hstate = halt.init(z0) if halt is not None else None
     n_active, evaluations = B, 0
     trace_rows: Optional[List[Tuple[Optional[Tensor], Tensor]]] = [] if record else None
-    win_z: List[Tensor] = []              # the window's iterates (references)
-    # the window's ||g||, ||f(z)|| and excess over the tolerance (<= 0: met; or -1/+1)
-    rn_buf = lambda b: torch.empty(3, check_every, b, dtype=z0.dtype, device=dev)  # noqa: E731
-    buf: Optional[Tensor] = None
+    win_z: List[Tensor] = []              # the window's iterates (references), their residual
+    win_r: List[Tensor] = []              # norms and excess over the tolerance (<= 0: met; or
+    win_e: List[Tensor] = []              # -1/+1 from a criterion)
     kept: List[Tuple[int, Optional[Tensor], Tensor]] = []  # (pass, rows, z) kept for sol.path
     k = 0
     while True:
@@ -298,26 +287,26 @@ def _iterate_sample(
         evaluations += n_active
         if k + 1 in keep:
             kept.append((k + 1, idx_t, z))
-        if not win_z and (buf is None or buf.shape[2] != n_active):
-            buf = rn_buf(n_active)
-        g, rn, fnorm, excess, hstate = measure(z, fz, hstate, buf[:, len(win_z)])
+        g, rn, fnorm, excess, hstate = measure(z, fz, hstate)
         if trace_rows is not None:
-            trace_rows.append((idx_t, rn.clone()))
+            trace_rows.append((idx_t, rn))
         if limit_t is None:
             limit_t = _limit(rn, fnorm, floor)
         win_z.append(z)
+        win_r.append(rn)
+        win_e.append(excess)
         last = k + 1 >= max_iter
         stay = None
         if len(win_z) == check_every or last or k == 0:   # (a look after the first pass
             # catches a warm start that is already a fixed point)
             w = len(win_z)
             if limit is None:
-                R, E, lim = host_arrays(buf[0, :w], buf[2, :w], limit_t)
+                R, E, lim = host_arrays(torch.stack(win_r), torch.stack(win_e), limit_t)
                 limit = lim
                 if not np.isfinite(R[0]).all():
                     _check_start(z0)
             else:
-                R, E = host_arrays(buf[0, :w], buf[2, :w])
+                R, E = host_arrays(torch.stack(win_r), torch.stack(win_e))
             cols = np.arange(n_active)
             first, codes = _first_stops(R, E, limit, last, done_code)
             its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
@@ -369,7 +358,7 @@ def _iterate_sample(
                 xa = select_rows(xa, stay)
                 if hstate is not None:
                     hstate = compact_rows(hstate, stay)
-            win_z = []
+            win_z, win_r, win_e = [], [], []
         # The solver steps on the rows it has seen, then the rows that stopped are dropped
         # from its output (so f(z) and g are never copied).
         if state is None:

@@ -3,10 +3,14 @@
 `slots` rows are in flight. Every pass evaluates f on exactly `[slots, ...]` and runs the
 solver step, the residual norms and the criterion as tensor ops, with no host sync and no
 data-dependent shape (so a compiled f, or CUDA graphs, never recompile). The last
-`check_every` iterates and residuals of every slot are kept in a small ring; every
-`check_every` passes the host looks once: each slot whose sample stopped inside the window is
-emitted from the ring at the exact pass where it stopped (its iteration count is exact; only
-the passes after that were wasted) and the slot takes the next pending input.
+`check_every` iterates of every slot are kept in a ring (two alternating halves, so the
+previous window's iterates survive the next look); every `check_every` passes the window's
+per-slot norms go to the host in one transfer and the look's decisions are made there in
+numpy (`_look`): each slot whose sample stopped inside the window is emitted from the ring at
+the exact pass where it stopped (its iteration count is exact; only the passes after that
+were wasted) and the slot takes the next pending input. On the device a look is one gather
+of the emitted rows, one of best iterates that are about to be overwritten (none while
+residuals fall), and the refill.
 
 Per sample the result is what `solve` gives that sample alone: the iterate where its
 criterion first held (CONVERGED / HALTED), or its best iterate when the budget ran out
@@ -492,9 +496,10 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
             `OutputKL`, `HaltHead`); samples another criterion stops are `HALTED`.
         check_every: Passes between host-side checks (emit and refill); None: fpsolve's
             default (4). Iteration counts are exact whatever it is.
-        compile: True compiles the fixed-shape bookkeeping of a look with `torch.compile`
-            (a few seconds once per process and shape; it pays on long streams). Compiling f
-            is yours to do.
+        compile: True compiles the per-pass bookkeeping on the device (the ring copy and
+            the residual norms) with `torch.compile` into fused kernels (a few seconds once
+            per process and shape; it matters where each op is a kernel launch). The look's
+            decisions run on the host either way. Compiling f is yours to do.
 
     Yields:
         One `StreamResult` (index, z, iterations, residual, status) per sample, as soon as
