@@ -197,3 +197,72 @@ def test_compiled_bookkeeping_gives_the_same_results():
     torch.testing.assert_close(comp.z, eager.z, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="compile"):
         fpsolve.solve_stream(f, _batches(x, c), compile="yes", **kw)
+
+
+@pytest.mark.parametrize("check_every", [1, 2, 3, 5])
+def test_a_best_iterate_from_an_earlier_window_is_returned_exactly(check_every):
+    """Logistic maps r z (1 - z) with r in [3.6, 4] never settle: each sample ends MAX_ITER at
+    its smallest residual over all passes (earliest on ties), often windows before the end,
+    so its iterate must have been saved out of the alternating ring before being overwritten.
+    Checked against plain iteration in numpy-free float64 and against solve on each sample."""
+    g = torch.Generator().manual_seed(3)
+    r = 3.6 + 0.4 * torch.rand(23, 1, generator=g, dtype=torch.float64)
+    z0 = 0.05 + 0.9 * torch.rand(23, 1, generator=g, dtype=torch.float64)
+    f = lambda z, r: r * z * (1 - z)  # noqa: E731
+    budget = 17
+    # the reference: every iterate and residual of plain iteration, pass by pass
+    zs, rs, z = [], [], z0
+    for _ in range(budget):
+        fz = f(z, r)
+        zs.append(z)
+        rs.append((fz - z).abs().squeeze(1))
+        z = fz
+    rs = torch.stack(rs)
+    best = torch.argmin(rs, dim=0)                          # (earliest on ties)
+    want_z = torch.stack(zs)[best, torch.arange(23)]
+    sol = fpsolve.solve_stream(f, [r[:7], r[7:]], slots=4, z0=lambda rr: z0[_rows_of(rr, r)],
+                               solver="fixed_point", rtol=1e-12, max_iter=budget, check_every=check_every)
+    assert (sol.status == Status.MAX_ITER).all() and (sol.iterations == budget).all()
+    assert torch.equal(sol.z, want_z), (sol.z - want_z).abs().max()
+    assert torch.equal(sol.residual, rs[best, torch.arange(23)])
+    for i in range(23):
+        alone = fpsolve.solve(f, z0[i:i + 1], r[i:i + 1], solver="fixed_point", rtol=1e-12, max_iter=budget,
+                              check_every=check_every)
+        assert torch.equal(alone.z, sol.z[i:i + 1]) and int(alone.iterations) == budget
+
+
+def _rows_of(rows, table):
+    """The positions in `table` of the given rows (a test helper for a per-sample z0)."""
+    return torch.cat([torch.nonzero((table == v).all(1)).flatten()[:1] for v in rows])
+
+
+@pytest.mark.parametrize("check_every", [1, 2, 3, 5])
+def test_solve_gathers_each_answer_from_the_pass_that_holds_it(check_every):
+    """solve(halting="sample") on logistic maps r in [2.5, 4]: some rows converge (and leave f's
+    batch at various looks), the chaotic ones end MAX_ITER at their best iterate. Every row's
+    answer equals plain iteration's, pass for pass, in float64."""
+    g = torch.Generator().manual_seed(5)
+    B, budget, rtol = 37, 40, 1e-6
+    r = 2.5 + 1.5 * torch.rand(B, 1, generator=g, dtype=torch.float64)
+    z0 = 0.05 + 0.9 * torch.rand(B, 1, generator=g, dtype=torch.float64)
+    f = lambda z, r: r * z * (1 - z)  # noqa: E731
+    zs, rs, met, z = [], [], [], z0
+    for _ in range(budget):
+        fz = f(z, r)
+        zs.append(z)
+        rs.append((fz - z).abs().squeeze(1))
+        met.append(rs[-1] <= rtol * fz.abs().squeeze(1))
+        z = fz
+    rs, met, zs = torch.stack(rs), torch.stack(met), torch.stack(zs)
+    stop = torch.where(met.any(0), met.float().argmax(0), budget)   # first pass that met the rule
+    rows = torch.arange(B)
+    upto = torch.arange(budget)[:, None] <= stop.clamp(max=budget - 1)
+    best = torch.where(upto, rs, math.inf).argmin(0)
+    pick = torch.where(stop < budget, stop, best)
+    sol = fpsolve.solve(f, z0, r, solver="fixed_point", rtol=rtol, max_iter=budget, check_every=check_every)
+    converged = stop < budget
+    assert 0 < int(converged.sum()) < B                             # both kinds are present
+    assert torch.equal(sol.status == Status.CONVERGED, converged)
+    assert torch.equal(sol.iterations, torch.where(converged, stop + 1, budget))
+    assert torch.equal(sol.z, zs[pick, rows]), (sol.z - zs[pick, rows]).abs().max()
+    assert torch.equal(sol.residual, rs[pick, rows])
