@@ -308,16 +308,11 @@ def _iterate_sample(
             else:
                 R, E = host_arrays(torch.stack(win_r), torch.stack(win_e))
             cols = np.arange(n_active)
-            first, codes = _first_stops(R, E, limit, last, done_code)
+            first, codes = first_stops(R, E <= 0, limit, w - 1 if last else w, done_code)
             its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
-            # each row's answer: the pass where its criterion held, else its best (the smallest
-            # residual, earliest on ties, over the passes up to its stop), if it beats the best
-            # before the window
-            met_at = codes == done_code
-            Rm = np.where((np.arange(w)[:, None] <= first) & ~np.isnan(R), R, np.inf)
-            sel = np.where(met_at, first, Rm.argmin(0))
-            better = (np.ones(n_active, dtype=bool) if best_r is None
-                      else (Rm[sel, cols] < best_r) | met_at)
+            # each row's answer: the pass where its criterion held, else its best up to its
+            # stop, if that beats its best before the window
+            sel, better = window_answers(R, first, codes == done_code, best_r)
             out_r = R[sel, cols] if best_r is None else np.where(better, R[sel, cols], best_r)
             # Where each row's answer lives: row i of the window's pass src[i], or (src == w) row
             # best_row[i] of best_z. Rows are gathered only when they leave, or when the
@@ -386,21 +381,35 @@ def _by_source(src: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
     return [rows[s == v] for v in np.unique(s)]
 
 
-def _first_stops(R: np.ndarray, E: np.ndarray, limit: np.ndarray, last: bool,
-                 done_code: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per row of a window [w, b]: its first pass with a status (w: none) and that status
-    (-1: runs on). DIVERGED beats the criterion, which beats the budget's last pass."""
-    ok = R <= limit                                   # False: non-finite, or blown up
-    stop = (E <= 0) | ~ok
-    if last:
-        stop[-1] = True
+def first_stops(R: np.ndarray, met: np.ndarray, limit: np.ndarray, budget: Any,
+                done_code: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row of a window [w, b] of residual norms: its first pass with a status (w: none)
+    and that status (-1: runs on). `budget`: the pass (per row, or one for all) where the
+    row's budget ends (>= w: not in this window). DIVERGED (non-finite, or beyond `limit`)
+    beats the criterion (`met`), which beats the budget. Used by `solve` and `stream` alike."""
+    ok = R <= limit
+    stop = met | ~ok
     w, cols = R.shape[0], np.arange(R.shape[1])
     first = stop.argmax(0)
     first[~stop[first, cols]] = w
+    first = np.maximum(np.minimum(first, budget), 0)    # (a stream's idle slots run past it)
     at = np.minimum(first, w - 1)
-    codes = np.where(~ok[at, cols], int(Status.DIVERGED), np.where(E[at, cols] <= 0, done_code, MAX_CODE))
+    codes = np.where(~ok[at, cols], int(Status.DIVERGED), np.where(met[at, cols], done_code, MAX_CODE))
     codes[first == w] = -1
     return first, codes
+
+
+def window_answers(R: np.ndarray, first: np.ndarray, done: np.ndarray,
+                   best_r: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row: the pass holding its answer (where its criterion held, else its smallest
+    residual up to its stop, earliest on ties as torch.min), and whether that beats its best
+    before the window (`best_r`; None or nan: none yet)."""
+    w, cols = R.shape[0], np.arange(R.shape[1])
+    Rm = np.where((np.arange(w)[:, None] <= first) & ~np.isnan(R), R, np.inf)
+    sel = np.where(done, first, Rm.argmin(0))
+    if best_r is None:
+        return sel, np.ones(R.shape[1], dtype=bool)
+    return sel, (Rm[sel, cols] < best_r) | np.isnan(best_r) | done
 
 
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_}

@@ -27,14 +27,13 @@ import torch
 from torch import Tensor
 
 from ._criteria import make_criterion
-from ._loop import _NUMPY, DIVERGENCE_FACTOR, Halt, _index, host_arrays
+from ._loop import _NUMPY, DIVERGENCE_FACTOR, Halt, _index, first_stops, host_arrays, window_answers
 from ._solution import Solution, Status
 from ._checks import as_bool, as_tolerances
 from ._solve import DEFAULT_CHECK_EVERY, NORMS, _check_choice, check_max_iter, make_solver
 from .solvers.fixed_point import FixedPointIteration
 from ._tree import StateLayout, tensors_in
 
-_MAX, _DIVERGED = int(Status.MAX_ITER), int(Status.DIVERGED)
 
 
 
@@ -233,24 +232,10 @@ def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, floor: flo
         scale = R[0] + Fn[0]
         lim = np.maximum(np.where(np.isfinite(scale), scale, fl), fl) * R.dtype.type(DIVERGENCE_FACTOR)
         limit = st.limit = np.where(fresh, lim, limit)
-    ok = R <= limit                                       # False: non-finite, or blown up
-    stop = met | ~ok
-    first = stop.argmax(0)
-    first[~stop[first, cols]] = K                         # K: runs on
-    np.minimum(first, max_iter - 1 - age, out=first)      # (the budget's last pass)
-    np.maximum(first, 0, out=first)                       # (idle slots run past it)
-    at = np.minimum(first, K - 1)
-    codes = np.where(met[at, cols], done_code, _MAX)
-    codes[~ok[at, cols]] = _DIVERGED
-    codes[first == K] = -1
-    done = codes == done_code
-    # the best residual over the passes up to the stop (earliest on ties, as torch.min)
-    Rm = np.where(st.steps <= first, R, np.inf)
-    Rm[np.isnan(Rm)] = np.inf
-    sel = np.where(done, first, Rm.argmin(0))
-    r_sel = R[sel, cols]
-    better = ((r_sel < st.best_r) | np.isnan(st.best_r) | done | fresh) & active
-    np.copyto(st.best_r, r_sel, where=better)
+    first, codes = first_stops(R, met, limit, max_iter - 1 - age, done_code)
+    sel, better = window_answers(R, first, codes == done_code, np.where(fresh, np.nan, st.best_r))
+    better &= active
+    np.copyto(st.best_r, R[sel, cols], where=better)
     its = age + 1 + first                                 # evaluations at the stop
     st.age = age + K
     return sel, better, codes, its, (codes >= 0) & active
