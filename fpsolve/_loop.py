@@ -378,7 +378,7 @@ def _by_source(src: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
     s = src[rows]
     if (s == s[0]).all():
         return [rows]
-    return [rows[s == v] for v in np.unique(s)]
+    return [rows[s == v] for v in np.flatnonzero(np.bincount(s))]
 
 
 def first_stops(R: np.ndarray, met: np.ndarray, limit: np.ndarray, budget: Any,
