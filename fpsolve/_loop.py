@@ -422,6 +422,12 @@ def host_arrays(*ts: Tensor) -> List[np.ndarray]:
             return [t.numpy() for t in ts]
         except RuntimeError:   # (tensors without storage, under torch.func transforms)
             return [np.array(t.tolist(), dtype=_NUMPY[t.dtype]) for t in ts]
+    return joined_to_host(*ts)
+
+
+def joined_to_host(*ts: Tensor) -> List[np.ndarray]:
+    """Tensors (floats of one dtype, or bool) brought to the host in one copy: concatenated
+    on their device, then split (an accelerator's look pays one transfer, not one each)."""
     flat = torch.cat([t.reshape(-1).to(ts[0].dtype) for t in ts]).cpu().numpy()
     out, at = [], 0
     for t in ts:

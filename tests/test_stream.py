@@ -266,3 +266,18 @@ def test_solve_gathers_each_answer_from_the_pass_that_holds_it(check_every):
     assert torch.equal(sol.iterations, torch.where(converged, stop + 1, budget))
     assert torch.equal(sol.z, zs[pick, rows]), (sol.z - zs[pick, rows]).abs().max()
     assert torch.equal(sol.residual, rs[pick, rows])
+
+
+def test_an_accelerator_look_brings_its_numbers_over_in_one_copy():
+    """The non-CPU path of a look (one concatenated transfer, then split) gives back the same
+    arrays, bool masks included; it is run here on CPU tensors (no accelerator on CI)."""
+    from fpsolve._loop import host_arrays, joined_to_host
+    for dtype in (torch.float32, torch.float64):
+        R = torch.rand(4, 7, dtype=dtype)
+        F = torch.rand(4, 7, dtype=dtype) + 1
+        met = R < 0.5
+        lim = torch.full((7,), 3.0, dtype=dtype)
+        got = joined_to_host(R, F, met, lim)
+        want = host_arrays(R, F, met, lim)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape and (g == w).all()
