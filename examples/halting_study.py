@@ -19,10 +19,13 @@ by the propagation itself, and early in training there is no fixed point to diff
 The ACT baseline is a halt head on the frozen trunk: from the state it predicts whether the
 current answer is already right (binary cross-entropy, on 8x8 and 16x16 mazes of every
 difficulty), and a sample halts at the first pass where it says so with probability >= tau.
+A second head, act_train_only, is trained and tuned as TRM and HRM train theirs: on the
+training distribution only (8x8, d <= 12), for pool and validation alike.
 
 Every rule is evaluated on the same trained weights and the same test set:
   fixed_depth      K passes for every sample (a sweep of K)
   act              the learned halt head (a sweep of tau)
+  act_train_only   the same head trained and tuned on the training distribution only
   fixed_point      fpsolve.solve, plain iteration, per-sample halting, ||f(z)-z|| <= rtol ||f(z)||
                    (norm "inf": largest entry, and "l2"; a sweep of rtol)
   anderson         the same criterion with Anderson acceleration
@@ -71,6 +74,7 @@ class Config:
     settle_weight: float = 0.1       # weight of the fixed-point penalty
     act_steps: int = 600             # training steps of the halt head
     act_pool: Tuple[int, int] = (192, 96)   # fresh 8x8 and 16x16 mazes whose states train it
+                                            # (act_train_only: their sum, 8x8 with d <= 12)
     n_test: Dict[int, int] = field(default_factory=lambda: {8: 384, 16: 256})
     max_passes: int = 64             # the generous maximum for K_sat and every rule's budget
     max_test_difficulty: int = 48
@@ -92,6 +96,7 @@ QUICK = Config(seeds=[0], steps=220, batch=32, act_steps=400, act_pool=(128, 48)
 FULL = Config(seeds=[0, 1, 2])
 
 RECIPES = ("difficulty", "fixed_passes")
+HALT_HEADS = ("act", "act_train_only")   # every difficulty of both sizes; the training distribution only
 LOOSE_L2_RTOL = 0.3   # a criterion loose enough to halt mid-propagation: a source of premature "settled" states
 RECIPE_LABELS = {"difficulty": "difficulty-supervised", "fixed_passes": "label-free, 14-20 passes"}
 VARIANTS = {
@@ -190,15 +195,24 @@ class HaltHead(nn.Module):
         return self.out(torch.cat([mean, top], -1)).squeeze(-1)
 
 
-def train_halt_head(model: MazeLoop, cfg: Config, seed: int, bar=None) -> HaltHead:
-    """BCE on 'the prediction at this pass is entirely right', on 8x8 and 16x16 mazes of every
-    difficulty: the trunk's states at every pass are computed once (a pool of fresh mazes),
-    then the head is trained on random (maze, pass) pairs from the pool."""
-    torch.manual_seed(seed)
+def halt_pool_mazes(cfg: Config, seed: int, train_only: bool = False) -> List[Mazes]:
+    """The fresh mazes whose states train a halt head: 8x8 and 16x16 of every difficulty, or
+    (train_only, as TRM/HRM train theirs) as many 8x8 mazes with d <= TRAIN_MAX_DIFFICULTY."""
     rng = np.random.default_rng(2000 + seed)
+    if train_only:
+        return [generate(sum(cfg.act_pool), 8, rng, max_difficulty=TRAIN_MAX_DIFFICULTY)]
+    return [generate(count, n, rng, max_difficulty=cfg.max_test_difficulty)
+            for n, count in zip((8, 16), cfg.act_pool)]
+
+
+def train_halt_head(model: MazeLoop, cfg: Config, seed: int, bar=None, train_only: bool = False) -> HaltHead:
+    """BCE on 'the prediction at this pass is entirely right', on the mazes of
+    `halt_pool_mazes`: the trunk's states at every pass are computed once (a pool per maze
+    size), then the head is trained on random (maze, pass) pairs, 256 a step split over pools."""
+    torch.manual_seed(seed)
     pools = []
-    for n, count in ((8, cfg.act_pool[0]), (16, cfg.act_pool[1])):
-        cells, labels, d = as_tensors(generate(count, n, rng, max_difficulty=cfg.max_test_difficulty))
+    for mazes in halt_pool_mazes(cfg, seed, train_only):
+        cells, labels, d = as_tensors(mazes)
         open_ = cells.flatten(1) > 0
         T = min(cfg.max_passes, int(d.max()) + 10)
         zs = []
@@ -216,14 +230,14 @@ def train_halt_head(model: MazeLoop, cfg: Config, seed: int, bar=None) -> HaltHe
     for step in range(cfg.act_steps):
         loss = 0.0
         for zs, open_, right in pools:
-            idx = torch.randint(len(right), (128,))
+            idx = torch.randint(len(right), (256 // len(pools),))
             loss = loss + F.binary_cross_entropy_with_logits(head(zs[idx], open_[idx]), right[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if bar is not None and step % 10 == 9:
             bar.update(10)
-            bar.set_postfix_str(f"act head seed {seed} bce {loss.item() / 2:.3f}")
+            bar.set_postfix_str(f"{HALT_HEADS[train_only]} head seed {seed} bce {loss.item() / len(pools):.3f}")
     head.eval()
     return head
 
@@ -238,13 +252,14 @@ class PlainRun:
 
     correct: Tensor      # bool [T+1, B]: the whole prediction right after t passes
     changed: Tensor      # bool [T+1, B]: the prediction differs from the one after max_passes
-    act: Tensor          # [T+1, B]: the halt head's probability after t passes
+    act: Dict[str, Tensor]    # head name -> [T+1, B]: its halting probability after t passes
     step: Dict[str, Tensor]   # norm -> [T, B]: ||z_(t+1) - z_t||
     scale: Dict[str, Tensor]  # norm -> [T, B]: ||z_(t+1)||
 
 
-def plain_run(model: MazeLoop, head: HaltHead, cells: Tensor, labels: Tensor, T: int,
+def plain_run(model: MazeLoop, heads: Dict[str, HaltHead], cells: Tensor, labels: Tensor, T: int,
               chunk: int = 128) -> PlainRun:
+    """Plain iteration with every halt head read at every pass (one run serves every rule)."""
     parts = []
     for s in range(0, cells.shape[0], chunk):
         c, y = cells[s:s + chunk], labels[s:s + chunk]
@@ -252,7 +267,8 @@ def plain_run(model: MazeLoop, head: HaltHead, cells: Tensor, labels: Tensor, T:
         with torch.no_grad():
             x = model.inputs(c)
             z = torch.zeros_like(x[0])
-            preds, acts, steps, scales = [model.predict(z, x[1])], [torch.sigmoid(head(z, open_))], [], []
+            probs = lambda z: torch.stack([torch.sigmoid(h(z, open_)) for h in heads.values()])  # noqa: E731
+            preds, acts, steps, scales = [model.predict(z, x[1])], [probs(z)], [], []
             for _ in range(T):
                 z_new = model(z, x)
                 g = (z_new - z).flatten(1)
@@ -260,13 +276,14 @@ def plain_run(model: MazeLoop, head: HaltHead, cells: Tensor, labels: Tensor, T:
                 scales.append(torch.stack([z_new.flatten(1).norm(dim=1), z_new.flatten(1).abs().amax(1)]))
                 z = z_new
                 preds.append(model.predict(z, x[1]))
-                acts.append(torch.sigmoid(head(z, open_)))
+                acts.append(probs(z))
         preds = torch.stack(preds)
-        parts.append(((preds == y).all(-1), (preds != preds[-1]).any(-1), torch.stack(acts),
+        parts.append(((preds == y).all(-1), (preds != preds[-1]).any(-1), torch.stack(acts, 1),
                       torch.stack(steps, 1), torch.stack(scales, 1)))
     cat = lambda i, dim: torch.cat([p[i] for p in parts], dim)  # noqa: E731
     step, scale = cat(3, 2), cat(4, 2)
-    return PlainRun(cat(0, 1), cat(1, 1), cat(2, 1), {"l2": step[0], "inf": step[1]},
+    act = cat(2, 2)                                                      # [heads, T+1, B]
+    return PlainRun(cat(0, 1), cat(1, 1), dict(zip(heads, act)), {"l2": step[0], "inf": step[1]},
                     {"l2": scale[0], "inf": scale[1]})
 
 
@@ -293,9 +310,10 @@ def fixed_depth(run: PlainRun, K: int) -> Halts:
     return Halts(passes, run.correct[K], ~run.changed[K])
 
 
-def act_rule(run: PlainRun, tau: float) -> Halts:
+def act_rule(run: PlainRun, tau: float, head: str = "act") -> Halts:
+    """Halt at the first pass where the named head's probability is >= tau (else the budget)."""
     T = run.correct.shape[0] - 1
-    fire = run.act[1:] >= tau                      # halting is decided after a pass
+    fire = run.act[head][1:] >= tau                # halting is decided after a pass
     has = fire.any(0)
     passes = torch.where(has, fire.float().argmax(0) + 1, torch.full_like(has, T, dtype=torch.int64))
     return Halts(passes, run.correct.gather(0, passes.view(1, -1)).squeeze(0), has)
@@ -330,20 +348,10 @@ def step_rule(run: PlainRun, rtol: float, norm: str) -> Halts:
     return Halts(passes, run.correct.gather(0, passes.view(1, -1)).squeeze(0), has)
 
 
-def choose_operating_points(model: MazeLoop, head: "HaltHead", val: Dict[int, Mazes], cfg: Config) -> dict:
-    """Per family, the cheapest setting whose accuracy on a validation set (fresh mazes of both
-    sizes, never the test set) is within 0.5 point of plain iteration's after max_passes."""
-    runs = []
-    for n, m in val.items():
-        cells, labels, _ = as_tensors(m)
-        runs.append(plain_run(model, head, cells, labels, cfg.max_passes))
+def cheapest_settings(runs: List[PlainRun], families: dict) -> dict:
+    """Per family, the cheapest setting whose accuracy on the given validation runs is within
+    0.5 point of plain iteration's after max_passes (none: the cheapest setting)."""
     target = float(torch.cat([r.correct[-1] for r in runs]).float().mean()) - 0.005
-    families = {
-        "act": (cfg.act_taus, lambda r, v: act_rule(r, v)),
-        "fixed_point_inf": (cfg.rtols, lambda r, v: step_rule(r, v, "inf")),
-        "fixed_point_l2": (cfg.rtols, lambda r, v: step_rule(r, v, "l2")),
-        "fixed_point_corrected": (cfg.rtols, lambda r, v: corrected_rule(r, v, "inf")),
-    }
     chosen = {}
     for fam, (settings, fn) in families.items():
         scored = []
@@ -352,6 +360,30 @@ def choose_operating_points(model: MazeLoop, head: "HaltHead", val: Dict[int, Ma
             scored.append((float(h.correct.float().mean()) >= target, -float(h.passes.float().mean()), v))
         ok = [t for t in scored if t[0]]
         chosen[fam] = max(ok)[2] if ok else max(scored, key=lambda t: t[1])[2]
+    return chosen
+
+
+def choose_operating_points(model: MazeLoop, heads: Dict[str, HaltHead], val: Dict[int, Mazes], cfg: Config) -> dict:
+    """Per family, the cheapest good setting on a validation set (fresh mazes of both sizes,
+    never the test set); act_train_only's tau on its 8x8 mazes with d <= 12 only, since a
+    user who trains on the training distribution has no harder data to tune on."""
+    runs = []
+    for n, m in val.items():
+        cells, labels, _ = as_tensors(m)
+        runs.append(plain_run(model, heads, cells, labels, cfg.max_passes))
+    families = {
+        "act": (cfg.act_taus, lambda r, v: act_rule(r, v)),
+        "fixed_point_inf": (cfg.rtols, lambda r, v: step_rule(r, v, "inf")),
+        "fixed_point_l2": (cfg.rtols, lambda r, v: step_rule(r, v, "l2")),
+        "fixed_point_corrected": (cfg.rtols, lambda r, v: corrected_rule(r, v, "inf")),
+    }
+    chosen = cheapest_settings(runs, families)
+    if "act_train_only" in heads:
+        cells, labels, d = as_tensors(val[8])
+        keep = d <= TRAIN_MAX_DIFFICULTY
+        train_run = plain_run(model, heads, cells[keep], labels[keep], cfg.max_passes)
+        chosen.update(cheapest_settings([train_run], {
+            "act_train_only": (cfg.act_taus, lambda r, v: act_rule(r, v, "act_train_only"))}))
     tols = [v for v in cfg.anderson_rtols if v <= chosen["fixed_point_inf"]]
     chosen["anderson_inf"] = max(tols) if tols else min(cfg.anderson_rtols)
     return chosen
@@ -379,19 +411,25 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).correlation)
 
 
-def metrics(h: Halts, ksat: Tensor, right_later: Tensor, difficulty: Tensor) -> dict:
-    """Everything the issue asks per rule (pooled over the test sets it is given)."""
+def metrics(h: Halts, ksat: Tensor, right_later: Tensor, difficulty: Tensor, size: Optional[Tensor] = None) -> dict:
+    """Everything the issue asks per rule (pooled over the test sets it is given), and how it
+    halts on the inputs harder than training (d > 12) and per grid size (`size`, if given)."""
     passes, correct, settled = h.passes.numpy(), h.correct.numpy(), h.settled.numpy()
     d, ks, later = difficulty.numpy(), ksat.numpy(), right_later.numpy()
     premature = (passes < ks) & ~correct & later
+    hard = d > TRAIN_MAX_DIFFICULTY
+    on_hard = lambda v: float(v[hard].mean()) if hard.any() else float("nan")  # noqa: E731
     res = {
         "accuracy": float(correct.mean()),
         "mean_passes": float(passes.mean()),
         "spearman_difficulty": spearman(passes, d),
         "spearman_in_distribution": spearman(passes[d <= TRAIN_MAX_DIFFICULTY], d[d <= TRAIN_MAX_DIFFICULTY]),
         "premature_halt_rate": float(premature.mean()),
-        "accuracy_harder_than_training": float(correct[d > TRAIN_MAX_DIFFICULTY].mean())
-        if (d > TRAIN_MAX_DIFFICULTY).any() else float("nan"),
+        "accuracy_harder_than_training": on_hard(correct),
+        "mean_passes_harder_than_training": on_hard(passes),
+        "settled_wrong_rate_harder_than_training": on_hard(settled & ~correct),   # false halts
+        "premature_halt_rate_harder_than_training": on_hard(premature),
+        "unsettled_rate_harder_than_training": on_hard(~settled),   # ran to the budget (ACT: never fired)
         "settled_wrong_rate": float((settled & ~correct).mean()),
         "settled_correct_table": {"settled_correct": int((settled & correct).sum()),
                                   "settled_wrong": int((settled & ~correct).sum()),
@@ -410,6 +448,9 @@ def metrics(h: Halts, ksat: Tensor, right_later: Tensor, difficulty: Tensor) -> 
         over = (passes - ks)[m & correct]
         res["median_overshoot_correct"][name] = float(np.median(over)) if len(over) else float("nan")
         res["premature_by_bucket"][name] = float(premature[m].mean())
+    for n in ([] if size is None else sorted(set(size.tolist()))):
+        m = size.numpy() == n
+        res[f"accuracy_{n}x{n}"], res[f"mean_passes_{n}x{n}"] = float(correct[m].mean()), float(passes[m].mean())
     return res
 
 
@@ -417,26 +458,28 @@ def cat_halts(parts: List[Halts]) -> Halts:
     return Halts(*(torch.cat([getattr(p, k) for p in parts]) for k in ("passes", "correct", "settled")))
 
 
-def evaluate(model: MazeLoop, head: HaltHead, tests: Dict[int, Mazes], val: Dict[int, Mazes], cfg: Config,
-             bar=None) -> dict:
+def evaluate(model: MazeLoop, heads: Dict[str, HaltHead], tests: Dict[int, Mazes], val: Dict[int, Mazes],
+             cfg: Config, bar=None) -> dict:
     """Every rule on every test set; returns per-rule-setting metrics and the sweep curves."""
     T = cfg.max_passes
     runs, ksats, later, diffs, raw = {}, [], [], [], {}
     for n, m in tests.items():
         cells, labels, d = as_tensors(m)
-        runs[n] = (plain_run(model, head, cells, labels, T), cells, labels)
+        runs[n] = (plain_run(model, heads, cells, labels, T), cells, labels)
         ksats.append(k_sat(runs[n][0]))
         later.append(runs[n][0].correct[-1])
         diffs.append(d)
         if bar is not None:
             bar.update(1)
     ksat, right_later, difficulty = torch.cat(ksats), torch.cat(later), torch.cat(diffs)
+    size = torch.cat([torch.full((len(m),), n) for n, m in tests.items()])
 
     settings = {}
     for K in range(1, T + 1):
         settings[("fixed_depth", K)] = lambda r, K=K: fixed_depth(r[0], K)
-    for tau in cfg.act_taus:
-        settings[("act", tau)] = lambda r, tau=tau: act_rule(r[0], tau)
+    for name in heads:
+        for tau in cfg.act_taus:
+            settings[(name, tau)] = lambda r, tau=tau, name=name: act_rule(r[0], tau, name)
     for rtol in cfg.rtols:
         for norm in ("inf", "l2"):
             settings[(f"fixed_point_{norm}", rtol)] = (
@@ -448,13 +491,13 @@ def evaluate(model: MazeLoop, head: HaltHead, tests: Dict[int, Mazes], val: Dict
     results = {}
     for key, fn in settings.items():
         h = cat_halts([fn(runs[n]) for n in tests])
-        results[key] = metrics(h, ksat, right_later, difficulty)
+        results[key] = metrics(h, ksat, right_later, difficulty, size)
         raw[key] = h
         if bar is not None and key[0] != "fixed_depth":
             bar.update(1)
     best_K = max(range(1, T + 1), key=lambda K: (round(results[("fixed_depth", K)]["accuracy"], 4), -K))
     extra = {
-        "chosen": choose_operating_points(model, head, val, cfg),
+        "chosen": choose_operating_points(model, heads, val, cfg),
         "best_fixed_depth": {"depth": best_K, "accuracy": results[("fixed_depth", best_K)]["accuracy"]},
         "difficulty": difficulty, "ksat": ksat, "right_later": right_later, "raw": raw,
         "hard_accuracy_at_max": float(right_later[difficulty > TRAIN_MAX_DIFFICULTY].float().mean()),
@@ -553,6 +596,8 @@ def named_rules(ev: dict, cfg: Config) -> Dict[str, dict]:
     return {
         f"fixed_depth (K={K}, best)": r[("fixed_depth", K)],
         f"act (tau={c['act']:g})": r[("act", c["act"])],
+        **({f"act_train_only (tau={c['act_train_only']:g})": r[("act_train_only", c["act_train_only"])]}
+           if "act_train_only" in c else {}),
         f"fixed_point (inf, {c['fixed_point_inf']:g})": r[("fixed_point_inf", c["fixed_point_inf"])],
         f"fixed_point_l2 ({c['fixed_point_l2']:g})": r[("fixed_point_l2", c["fixed_point_l2"])],
         f"anderson (inf, {c['anderson_inf']:g})": r[("anderson_inf", c["anderson_inf"])],
@@ -563,7 +608,8 @@ def named_rules(ev: dict, cfg: Config) -> Dict[str, dict]:
 
 def print_table(rules: Dict[str, dict]) -> str:
     names = [bucket_name(lo, hi) for lo, hi in BUCKETS]
-    lines = [f"{'rule':28s} {'acc':>6s} {'passes':>7s} {'rho_all':>7s} {'rho_in':>7s} {'prem%':>6s} {'sw%':>6s}  "
+    lines = [f"{'rule':28s} {'acc':>6s} {'passes':>7s} {'rho_all':>7s} {'rho_in':>7s} {'prem%':>6s} {'sw%':>6s} "
+             f"{'acc>12':>6s} {'pas>12':>6s} {'sw>12%':>6s} {'uns>12%':>7s}  "
              + "acc/overshoot by difficulty " + " ".join(f"{n:>9s}" for n in names)]
     for name, m in rules.items():
         cells = []
@@ -574,11 +620,15 @@ def print_table(rules: Dict[str, dict]) -> str:
                 cells.append(" " * 9)
         lines.append(f"{name:28s} {m['accuracy']:6.3f} {m['mean_passes']:7.1f} {m['spearman_difficulty']:7.2f} "
                      f"{m['spearman_in_distribution']:7.2f} {100 * m['premature_halt_rate']:6.2f} "
-                     f"{100 * m['settled_wrong_rate']:6.2f}  {'':27s} " + " ".join(cells))
+                     f"{100 * m['settled_wrong_rate']:6.2f} {m['accuracy_harder_than_training']:6.3f} "
+                     f"{m['mean_passes_harder_than_training']:6.1f} "
+                     f"{100 * m['settled_wrong_rate_harder_than_training']:6.2f} "
+                     f"{100 * m['unsettled_rate_harder_than_training']:7.2f}  {'':27s} " + " ".join(cells))
     return "\n".join(lines)
 
 
 FAMILIES = {"fixed_depth": ("k", "fixed depth K"), "act": ("tab:red", "ACT (tau)"),
+            "act_train_only": ("tab:orange", "ACT, train only (tau)"),
             "fixed_point_inf": ("tab:blue", "fixed point, inf"), "fixed_point_l2": ("tab:cyan", "fixed point, l2"),
             "anderson_inf": ("tab:purple", "Anderson, inf"), "fixed_point_corrected": ("tab:green", "distance-corrected")}
 
@@ -587,6 +637,8 @@ def compute_panel(ax, ev: dict, title: str) -> None:
     """Accuracy against mean passes for every setting of every rule."""
     for f, (color, label) in FAMILIES.items():
         pts = sorted((v["mean_passes"], v["accuracy"]) for k, v in ev["results"].items() if k[0] == f)
+        if not pts:
+            continue
         ax.plot(*zip(*pts), "-" if f == "fixed_depth" else "o-", color=color, label=label, ms=4, lw=1.2)
     ax.set_xlabel("mean passes per sample (compute)")
     ax.set_ylabel("accuracy (whole maze right)")
@@ -604,8 +656,12 @@ def difficulty_panel(ax, ev: dict, title: str) -> None:
     for key, color, label in ((("fixed_point_inf", c["fixed_point_inf"]), "tab:blue",
                                f"fixed point (inf, rtol {c['fixed_point_inf']:g})"),
                               (("act", c["act"]), "tab:red", f"ACT (tau {c['act']:g})"),
+                              (("act_train_only", c.get("act_train_only")), "tab:orange",
+                               f"ACT, train only (tau {c.get('act_train_only', 0):g})"),
                               (("fixed_point_corrected", c["fixed_point_corrected"]), "tab:green",
                                f"distance-corrected (rtol {c['fixed_point_corrected']:g})")):
+        if key not in ev["raw"]:
+            continue
         p = ev["raw"][key].passes.numpy()
         xs = np.unique(d)
         ax.plot(xs, [np.median(p[d == v]) for v in xs], "-", color=color, label=label + ", median")
@@ -739,14 +795,14 @@ class QueueBar:
 
 
 def n_rule_settings(cfg: Config) -> int:
-    return len(cfg.act_taus) + 3 * len(cfg.rtols) + len(cfg.anderson_rtols) + 2
+    return len(HALT_HEADS) * len(cfg.act_taus) + 3 * len(cfg.rtols) + len(cfg.anderson_rtols) + 2
 
 
 def unit_cost(u: Unit, cfg: Config) -> int:
     """Progress-bar ticks of one unit (training steps, head steps, rule settings)."""
     if u.variant != "main":
         return cfg.ablation_steps + 1
-    return cfg.steps + cfg.act_steps + n_rule_settings(cfg)
+    return cfg.steps + len(HALT_HEADS) * cfg.act_steps + n_rule_settings(cfg)
 
 
 def run_unit(u: Unit, cfg: Config, tests: Dict[int, Mazes], val: Dict[int, Mazes], threads: int, bar) -> bytes:
@@ -761,8 +817,9 @@ def run_unit(u: Unit, cfg: Config, tests: Dict[int, Mazes], val: Dict[int, Mazes
         return pickle.dumps({"unit": u, "rows": rows, "final_loss": float(np.mean(losses[-20:]))})
     snap_at = (int(0.4 * cfg.steps), int(0.6 * cfg.steps)) if u.recipe == "difficulty" else ()
     model, losses, snaps = train_trunk(cfg, u.seed, "main", cfg.steps, bar, snapshot_at=snap_at, recipe=u.recipe)
-    head = train_halt_head(model, cfg, u.seed, bar)
-    ev = evaluate(model, head, tests, val, cfg, bar)
+    heads = {name: train_halt_head(model, cfg, u.seed, bar, train_only=name == "act_train_only")
+             for name in HALT_HEADS}
+    ev = evaluate(model, heads, tests, val, cfg, bar)
     bar.set_postfix_str(f"diagnose {u.recipe} seed {u.seed}")
     rtol = ev["chosen"]["fixed_point_inf"]
     probes = {}   # other sources of settled-but-wrong samples: part-trained weights, a loose criterion
@@ -912,8 +969,10 @@ def summarize_rules(outs: List[dict], cfg: Config) -> dict:
     for i, name in enumerate(rule_names):
         ms = [list(named_rules(o["eval"], cfg).values())[i] for o in outs]
         entry, spread = {}, {}
-        for k in ("accuracy", "mean_passes", "spearman_difficulty", "spearman_in_distribution",
-                  "premature_halt_rate", "settled_wrong_rate", "accuracy_harder_than_training"):
+        keys = ["accuracy", "mean_passes", "spearman_difficulty", "spearman_in_distribution",
+                "premature_halt_rate", "settled_wrong_rate"]
+        keys += [k for k in ms[0] if k.endswith(("_harder_than_training", "_8x8", "_16x16"))]
+        for k in keys:
             entry[k], spread[k] = mean_spread([m[k] for m in ms])
         for k in ("median_overshoot_correct", "accuracy_by_bucket", "premature_by_bucket"):
             entry[k] = {b: mean_spread([m[k].get(b, float("nan")) for m in ms])[0] for b in ms[0][k]}
@@ -921,6 +980,7 @@ def summarize_rules(outs: List[dict], cfg: Config) -> dict:
                                           for k in ms[0]["settled_correct_table"]}
         entry["spread"] = spread
         entry["per_seed_accuracy"] = [m["accuracy"] for m in ms]
+        entry["per_seed"] = {k: [m[k] for m in ms] for k in keys}
         entry["operating_point_per_seed"] = [list(named_rules(o["eval"], cfg))[i] for o in outs]
         rules[name.split(" ")[0]] = entry
     return rules

@@ -30,7 +30,7 @@ def hand_run() -> "hs.PlainRun":
     act[3, 0] = 0.8
     # steps: r_t = ||z_(t+1) - z_t||, scale 1
     step = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.5, 1.0], [0.01, 0.5, 1.0], [1e-4, 0.01, 1.0], [1e-6, 1e-3, 0.1]])
-    return hs.PlainRun(correct, changed, act, {"inf": step, "l2": step}, {"inf": torch.ones_like(step),
+    return hs.PlainRun(correct, changed, {"act": act}, {"inf": step, "l2": step}, {"inf": torch.ones_like(step),
                                                                        "l2": torch.ones_like(step)})
 
 
@@ -112,10 +112,53 @@ def test_replayed_step_rule_matches_fpsolve_iterations(one_thread):
     m = generate(24, 8, np.random.default_rng(0), max_difficulty=12)
     cells, labels, _ = hs.as_tensors(m)
     head = hs.HaltHead(16)
-    run = hs.plain_run(model, head, cells, labels, 40)
+    run = hs.plain_run(model, {"act": head}, cells, labels, 40)
     for rtol in (1e-2, 1e-4):
         replay = hs.step_rule(run, rtol, "inf")
         solved = hs.fpsolve_rule(model, cells, labels, "fixed_point", "inf", rtol, 40)
         assert solved.settled.all() and len(set(solved.passes.tolist())) > 1   # halts differ per sample
         agree = (replay.passes == solved.passes).float().mean().item()
         assert agree >= 0.95, (replay.passes.tolist(), solved.passes.tolist())
+
+
+def test_train_only_halt_head_sees_only_the_training_distribution(monkeypatch, one_thread):
+    """act_train_only's pool holds 8x8 mazes with d <= 12 only (as TRM/HRM train their head);
+    today's act pool holds 16x16 mazes and harder ones too."""
+    pools = {}
+    real = hs.halt_pool_mazes
+
+    def spy(cfg, seed, train_only=False):
+        pools[train_only] = real(cfg, seed, train_only)
+        return pools[train_only]
+
+    monkeypatch.setattr(hs, "halt_pool_mazes", spy)
+    cfg = hs.replace(hs.QUICK, dim=16, act_steps=2, act_pool=(24, 8), max_passes=20)
+    model = MazeLoop(16, 2).eval()
+    for train_only in (False, True):
+        hs.train_halt_head(model, cfg, 0, train_only=train_only)
+    assert {m.n for m in pools[True]} == {8} and sum(len(m) for m in pools[True]) == 32
+    assert max(int(m.difficulty.max()) for m in pools[True]) <= hs.TRAIN_MAX_DIFFICULTY
+    assert 16 in {m.n for m in pools[False]}
+    assert max(int(m.difficulty.max()) for m in pools[False]) > hs.TRAIN_MAX_DIFFICULTY
+
+
+def test_a_tiny_run_reports_both_act_heads_in_the_json(one_thread):
+    """One unit of a shrunken quick run, through to the json: act_train_only is a rule beside
+    act, with its tau chosen and its harder-than-training fields."""
+    import json
+    import queue
+    cfg = hs.replace(hs.QUICK, dim=16, steps=4, act_steps=4, act_pool=(8, 4), n_test={8: 16, 16: 8},
+                     n_val={8: 24, 16: 8}, n_diagnose={8: 4, 16: 4}, max_passes=20, rtols=(1e-2,),
+                     anderson_rtols=(1e-2,), act_taus=(0.5, 0.9))
+    rng = np.random.default_rng(0)
+    tests = {n: generate(cfg.n_test[n], n, rng, max_difficulty=cfg.max_test_difficulty) for n in (8, 16)}
+    val = {n: generate(cfg.n_val[n], n, rng, max_difficulty=cfg.max_test_difficulty) for n in (8, 16)}
+    results = hs.run_units([hs.Unit("difficulty", "main", 0)], cfg, tests, val, 1, 1, hs.QueueBar(queue.Queue()))
+    out = json.loads(json.dumps(hs.jsonable(hs.build_json({"difficulty": results}, results, {}, cfg, 0.0, True))))
+    assert {"act", "act_train_only"} <= set(out["rules"])
+    assert out["per_seed"][0]["operating_points"]["act_train_only"] in cfg.act_taus
+    rule = out["rules"]["act_train_only"]
+    for k in ("accuracy_harder_than_training", "settled_wrong_rate_harder_than_training",
+              "mean_passes_harder_than_training", "accuracy_8x8", "accuracy_16x16"):
+        assert k in rule and k in rule["per_seed"]
+    assert len(out["sweeps"]["act_train_only"]) == len(cfg.act_taus)
