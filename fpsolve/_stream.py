@@ -335,11 +335,12 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             if round_fn is not None:
                 z = round_fn(z)
         # ---- the look (host): statuses of the window, emit what stopped, refill the slots --
+        r_t, f_t = ring_r, ring_f
         if lazy:
             ring[K].copy_(z)
-            window_norms(ring_z[parity], ring_r, ring_f)
-        met_t = ring_met if halt is not None else torch.addcmul(ring_r, ring_f, neg_rtol) <= rule.atol
-        R, Fn, M = host_arrays(ring_r, ring_f, met_t)
+            r_t, f_t = window_norms(ring_z[parity])
+        met_t = ring_met if halt is not None else torch.addcmul(r_t, f_t, neg_rtol) <= rule.atol
+        R, Fn, M = host_arrays(r_t, f_t, met_t)
         sel, better, codes, its, stops = _look(R, Fn, M, st, floor, max_iter, done_code)
         # a best iterate in the previous window's ring that this window did not beat is saved
         # before the next window overwrites that ring (emitted samples are read out first)
@@ -394,26 +395,22 @@ def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Ten
     return g
 
 
-def _window_norms(ring: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> None:
-    """Plain iteration's residual norms for a whole window from its iterates z_0..z_K
+def _window_norms(ring: Tensor, l2: bool) -> Tuple[Tensor, Tensor]:
+    """Plain iteration's residual norms [K, S] for a whole window from its iterates z_0..z_K
     (f(z_p) = z_(p+1)): the same numbers as pass by pass, in three ops."""
     g = ring[1:] - ring[:-1]
     dims = tuple(range(2, ring.ndim))
     if l2:
-        torch.linalg.vector_norm(g, dim=dims, out=r_out)
-        torch.linalg.vector_norm(ring[1:], dim=dims, out=f_out)
-    else:
-        torch.amax(g.abs(), dim=dims, out=r_out)
-        torch.amax(ring[1:].abs(), dim=dims, out=f_out)
+        return torch.linalg.vector_norm(g, dim=dims), torch.linalg.vector_norm(ring[1:], dim=dims)
+    return g.abs().amax(dim=dims), ring[1:].abs().amax(dim=dims)
 
 
-def _window_norms_fn(norm: str, compile: bool) -> Callable[[Tensor, Tensor, Tensor], None]:
+def _window_norms_fn(norm: str, compile: bool) -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
     l2 = norm == "l2"
     key = ("window", l2)
     if compile and key not in _COMPILED:
-        _COMPILED[key] = torch.compile(lambda ring, r_out, f_out: _window_norms(ring, r_out, f_out, l2),
-                                       dynamic=False)
-    return _COMPILED[key] if compile else (lambda ring, r_out, f_out: _window_norms(ring, r_out, f_out, l2))
+        _COMPILED[key] = torch.compile(lambda ring: _window_norms(ring, l2), dynamic=False)
+    return _COMPILED[key] if compile else (lambda ring: _window_norms(ring, l2))
 
 
 def _recorder(norm: str, dims: Tuple[int, ...], compile: bool) -> Callable[..., Tensor]:
