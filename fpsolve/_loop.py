@@ -307,52 +307,57 @@ def _iterate_sample(
                     _check_start(z0)
             else:
                 R, E = host_arrays(torch.stack(win_r), torch.stack(win_e))
-            cols = np.arange(n_active)
             first, codes = first_stops(R, E <= 0, limit, w - 1 if last else w, done_code)
-            its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
-            # each row's answer: the pass where its criterion held, else its best up to its
-            # stop, if that beats its best before the window
-            sel, better = window_answers(R, first, codes == done_code, best_r)
-            out_r = R[sel, cols] if best_r is None else np.where(better, R[sel, cols], best_r)
-            # Where each row's answer lives: row i of the window's pass src[i], or (src == w) row
-            # best_row[i] of best_z. Rows are gathered only when they leave, or when the
-            # rows that stay no longer share one source (so a falling residual is never copied).
-            src = np.where(better, sel, w)
-            sources = win_z + [best_z]
-            rows_in = lambda r: r if best_row is None else np.where(src[r] == w, best_row[r], r)  # noqa: E731
-            done = codes >= 0
-            gone = np.flatnonzero(done)
-            for part in _by_source(src, gone):
-                p = int(src[part[0]])
-                whole = part.size == n_active and (p < w or best_row is None or
-                                                   (best_row.size == best_z.shape[0] and (best_row == cols).all()))
-                zp = sources[p] if whole else sources[p].index_select(0, _index(rows_in(part), dev))
-                finished.append(_Finished(idx if whole else (part if idx is None else idx[part]), zp,
-                                          out_r[part], its[part], codes[part]))
-            if gone.size == n_active:
-                n_active = 0
-                break
-            stay_rows = np.flatnonzero(~done) if gone.size else cols
-            parts = _by_source(src, stay_rows)
-            if len(parts) == 1:                 # (one source: keep it, with a row map)
-                p = int(src[stay_rows[0]])
-                best_row = rows_in(stay_rows) if p == w else stay_rows
-                best_z = sources[p]
+            if (codes < 0).all() and (best_r is None or (R[-1] < best_r).all()) and (R[1:] < R[:-1]).all():
+                # quiet: nothing stopped and every residual fell at every pass, so the last
+                # iterate is every row's best (no gather, no copy)
+                best_z, best_row, best_r = win_z[-1], None, R[-1]
             else:
-                best_z = torch.cat([sources[int(src[q[0]])].index_select(0, _index(rows_in(q), dev)) for q in parts])
-                best_row = np.empty(stay_rows.size, dtype=np.int64)
-                best_row[np.searchsorted(stay_rows, np.concatenate(parts))] = np.arange(stay_rows.size)
-            best_r = out_r[stay_rows]
-            if gone.size:
-                stay = _index(stay_rows, dev)
-                n_active = stay_rows.size
-                idx = stay_rows if idx is None else idx[stay_rows]
-                if rows_on_device:
-                    idx_t = _index(idx, dev)
-                limit = limit[stay_rows]
-                xa = select_rows(xa, stay)
-                if hstate is not None:
-                    hstate = compact_rows(hstate, stay)
+                cols = np.arange(n_active)
+                its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
+                # each row's answer: the pass where its criterion held, else its best up to its
+                # stop, if that beats its best before the window
+                sel, better = window_answers(R, first, codes == done_code, best_r)
+                out_r = R[sel, cols] if best_r is None else np.where(better, R[sel, cols], best_r)
+                # Where each row's answer lives: row i of the window's pass src[i], or (src == w)
+                # row best_row[i] of best_z. Rows are gathered only when they leave, or when the
+                # rows that stay no longer share one source (a falling residual is never copied).
+                src = np.where(better, sel, w)
+                sources = win_z + [best_z]
+                rows_in = lambda r: r if best_row is None else np.where(src[r] == w, best_row[r], r)  # noqa: E731
+                done = codes >= 0
+                gone = np.flatnonzero(done)
+                for part in _by_source(src, gone):
+                    p = int(src[part[0]])
+                    whole = part.size == n_active and (p < w or best_row is None or
+                                                       (best_row.size == best_z.shape[0] and (best_row == cols).all()))
+                    zp = sources[p] if whole else sources[p].index_select(0, _index(rows_in(part), dev))
+                    finished.append(_Finished(idx if whole else (part if idx is None else idx[part]), zp,
+                                              out_r[part], its[part], codes[part]))
+                if gone.size == n_active:
+                    n_active = 0
+                    break
+                stay_rows = np.flatnonzero(~done) if gone.size else cols
+                parts = _by_source(src, stay_rows)
+                if len(parts) == 1:                 # (one source: keep it, with a row map)
+                    p = int(src[stay_rows[0]])
+                    best_row = rows_in(stay_rows) if p == w else stay_rows
+                    best_z = sources[p]
+                else:
+                    best_z = torch.cat([sources[int(src[q[0]])].index_select(0, _index(rows_in(q), dev)) for q in parts])
+                    best_row = np.empty(stay_rows.size, dtype=np.int64)
+                    best_row[np.searchsorted(stay_rows, np.concatenate(parts))] = np.arange(stay_rows.size)
+                best_r = out_r[stay_rows]
+                if gone.size:
+                    stay = _index(stay_rows, dev)
+                    n_active = stay_rows.size
+                    idx = stay_rows if idx is None else idx[stay_rows]
+                    if rows_on_device:
+                        idx_t = _index(idx, dev)
+                    limit = limit[stay_rows]
+                    xa = select_rows(xa, stay)
+                    if hstate is not None:
+                        hstate = compact_rows(hstate, stay)
             win_z, win_r, win_e = [], [], []
         # The solver steps on the rows it has seen, then the rows that stopped are dropped
         # from its output (so f(z) and g are never copied).
