@@ -305,11 +305,11 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     ring_f = z.new_empty(K, S)                       # ||f(z)|| at them
     ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion's verdicts
     rz = (ring_z[0].unbind(0), ring_z[1].unbind(0))
-    window_norms = _window_norms_fn(rule.norm, compile)
+    window_norms = _bookkeeping("window", rule.norm, compile)
     rr, rf, rm = ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
     neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
     needs_k = halt is not None or type(solver_obj) is not FixedPointIteration
-    record = _recorder(rule.norm, tuple(range(1, z.ndim)), compile)
+    record = _bookkeeping("pass", rule.norm, compile)
     state = None
     parity = 0
 
@@ -405,31 +405,22 @@ def _window_norms(ring: Tensor, l2: bool) -> Tuple[Tensor, Tensor]:
     return g.abs().amax(dim=dims), ring[1:].abs().amax(dim=dims)
 
 
-def _window_norms_fn(norm: str, compile: bool) -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
+_COMPILED: dict = {}   # (what, l2) -> the torch.compile'd bookkeeping, made once per process
+
+
+def _bookkeeping(what: str, norm: str, compile: bool) -> Callable[..., Any]:
+    """`_record_pass` ("pass") or `_window_norms` ("window") for this norm, compiled with
+    torch.compile when asked (once per process; dynamo recompiles per shape)."""
     l2 = norm == "l2"
-    key = ("window", l2)
-    if compile and key not in _COMPILED:
-        _COMPILED[key] = torch.compile(lambda ring: _window_norms(ring, l2), dynamic=False)
-    return _COMPILED[key] if compile else (lambda ring: _window_norms(ring, l2))
-
-
-def _recorder(norm: str, dims: Tuple[int, ...], compile: bool) -> Callable[..., Tensor]:
-    l2 = norm == "l2"
-    if compile:
-        return _compiled_record(l2)
-    return lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, l2)
-
-
-_COMPILED: dict = {}
-
-
-def _compiled_record(l2: bool) -> Callable[..., Tensor]:
-    """The pass's bookkeeping through torch.compile (one fused kernel; compiled once per shape)."""
-    fn = _COMPILED.get(l2)
-    if fn is None:
-        fn = _COMPILED[l2] = torch.compile(
-            lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, l2), dynamic=False)
-    return fn
+    if what == "pass":
+        fn: Callable[..., Any] = lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, l2)  # noqa: E731
+    else:
+        fn = lambda ring: _window_norms(ring, l2)  # noqa: E731
+    if not compile:
+        return fn
+    if (what, l2) not in _COMPILED:
+        _COMPILED[what, l2] = torch.compile(fn, dynamic=False)
+    return _COMPILED[what, l2]
 
 
 def _private(t: Tensor, device: torch.device) -> Tensor:

@@ -187,10 +187,11 @@ def test_a_compiled_f_never_recompiles_over_the_whole_stream():
     assert torch.equal(sol.iterations, eager.iterations)
 
 
-def test_compiled_bookkeeping_gives_the_same_results():
-    """compile=True compiles a look's fixed-shape bookkeeping: same answers as eager."""
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])   # per-pass and per-window norms
+def test_compiled_bookkeeping_gives_the_same_results(solver):
+    """compile=True compiles the device-side bookkeeping: same answers as eager."""
     f, x, c = _problem(nan_row=3)
-    kw = dict(slots=8, z0=ZERO, solver="anderson", rtol=1e-8, max_iter=40, check_every=3)
+    kw = dict(slots=8, z0=ZERO, solver=solver, rtol=1e-8, max_iter=40, check_every=3)
     eager = fpsolve.solve_stream(f, _batches(x, c), **kw)
     comp = fpsolve.solve_stream(f, _batches(x, c), compile=True, **kw)
     assert torch.equal(eager.iterations, comp.iterations) and torch.equal(eager.status, comp.status)
