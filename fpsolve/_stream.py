@@ -208,32 +208,31 @@ class _Slots:
     """Each slot's per-sample bookkeeping on the host (numpy): a look costs microseconds, not
     dozens of device ops, and the device keeps only the state-sized tensors."""
 
-    def __init__(self, S: int, K: int, n0: int, dtype: np.dtype) -> None:
+    def __init__(self, S: int, K: int, n0: int, dtype: np.dtype, floor: float) -> None:
         self.age = np.zeros(S, dtype=np.int64)           # evaluations the slot's sample has had
         self.limit = np.zeros(S, dtype=dtype)            # its divergence limit (set at its first pass)
         self.best_r = np.full(S, np.nan, dtype=dtype)    # its best residual so far (nan: none yet)
+        self.floor, self.factor = dtype.type(floor), dtype.type(DIVERGENCE_FACTOR)
         self.active = np.arange(S) < n0                  # the slot holds a sample not yet emitted
         self.sample = np.arange(S, dtype=np.int64)       # the sample's index in the stream
         self.cols = np.arange(S)
         self.steps = np.arange(K)[:, None]
 
 
-def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, floor: float, max_iter: int,
+def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, max_iter: int,
           done_code: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One check of a window of K passes, on the host: each slot's first stop and its status
     there, the pass holding its answer (`sel`: where its criterion held, else its best iterate
     up to the stop), whether that beats its best so far, its iteration count, and which slots
     stop. The same rules, on the same float32/64 numbers, as `solve`'s look."""
     K = R.shape[0]
-    cols, age, limit, active = st.cols, st.age, st.limit, st.active
+    cols, age, active = st.cols, st.age, st.active
     fresh = age == 0                                      # samples that started this window
-    if fresh.any():
-        fl = R.dtype.type(floor)
+    if fresh.any():   # (their limit, as `_loop._limit`: a non-finite start gives the floor)
         scale = R[0] + Fn[0]
-        lim = np.maximum(np.where(np.isfinite(scale), scale, fl), fl) * R.dtype.type(DIVERGENCE_FACTOR)
-        limit = st.limit = np.where(fresh, lim, limit)
-    first, codes = first_stops(R, met, limit, max_iter - 1 - age, done_code)
-    sel, better = window_answers(R, first, codes == done_code, np.where(fresh, np.nan, st.best_r))
+        np.copyto(st.limit, np.where(scale < np.inf, np.fmax(scale, st.floor), st.floor) * st.factor, where=fresh)
+    first, codes = first_stops(R, met, st.limit, max_iter - 1 - age, done_code)
+    sel, better = window_answers(R, first, codes == done_code, st.best_r)   # (nan for a new sample)
     better &= active
     np.copyto(st.best_r, R[sel, cols], where=better)
     its = age + 1 + first                                 # evaluations at the stop
@@ -280,13 +279,15 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     z = layout.pack(z_first).detach().clone()
     if fill is not None:
         z = z.index_select(0, fill)
-    st = _Slots(S, check_every, n0, np.dtype(_NUMPY[wdt]))
+    floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
+    st = _Slots(S, check_every, n0, np.dtype(_NUMPY[wdt]), floor)
+    # one state row shared by every sample: its rows for a refill, made once
+    fixed_start = None if z0 is None or callable(z0) else layout.pack(_start_rows(z0, None, S))
     next_index = n0
 
     fn = layout.wrap(f, True)
     halt = None if other is None else Halt(other, layout.unpack)
     hstate = halt.init(z) if halt is not None else None
-    floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
     done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
     K = check_every
     # One store of iterates: two rings of K passes (windows alternate between them, so the
@@ -341,7 +342,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             r_t, f_t = window_norms(ring_z[parity])
         met_t = ring_met if halt is not None else torch.addcmul(r_t, f_t, neg_rtol) <= rule.atol
         R, Fn, M = host_arrays(r_t, f_t, met_t)
-        sel, better, codes, its, stops = _look(R, Fn, M, st, floor, max_iter, done_code)
+        sel, better, codes, its, stops = _look(R, Fn, M, st, max_iter, done_code)
         # a best iterate in the previous window's ring that this window did not beat is saved
         # before the next window overwrites that ring (emitted samples are read out first)
         old = (best_at // (W * S) == parity ^ 1) & ~better & ~stops & st.active
@@ -364,8 +365,11 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             slot = emit_t[:n_new]
             for buf, t in zip(x_leaves, x_new):
                 buf.index_copy_(0, slot, t if t.device == buf.device else t.to(buf.device))
-            z = z.index_copy(0, slot, layout.pack(_start_rows(z0, rows.structure(x_new), n_new)))
+            z_new = fixed_start[:n_new] if fixed_start is not None else \
+                layout.pack(_start_rows(z0, rows.structure(x_new), n_new))
+            z = z.index_copy(0, slot, z_new)
             st.age[emit[:n_new]] = 0
+            st.best_r[emit[:n_new]] = np.nan
             st.sample[emit[:n_new]] = np.arange(next_index, next_index + n_new)
             next_index += n_new
         if n_new < n_emit:
