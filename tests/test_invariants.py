@@ -427,10 +427,18 @@ def test_stream_rows_equal_their_solve_alone(data, solver, slots, batch, check_e
                                check_every=check_every, **opts)
     assert torch.isfinite(flat(sol.z)).all()
     plain = solver == "fixed_point" or isinstance(solver, fpsolve.FixedPointIteration)
-    if not plain and case.dtype != torch.float64 and opts.get("criterion") is None and opts["rtol"] < 1e-5:
+    crit = opts.get("criterion")
+    rtol_rule = crit.rtol if isinstance(crit, fpsolve.Residual) else opts["rtol"] if crit is None else None
+    if not plain and case.dtype != torch.float64 and rtol_rule is not None and rtol_rule < 1e-5:
         # Anderson/Broyden step per row in the stream (the same step, other rounding): below
         # float32's precision a tolerance can flip one decision, so compare in float64 only.
         event("stream: accelerated solver at a tolerance below float32 precision: not compared")
+        return
+    if not plain and rtol_rule is None:
+        # A read-out criterion (argmax, KL, halt head) after a per-row accelerated step: a
+        # rounding difference can break a tie between two saturated logits (tanh(100) == 1.0)
+        # and move the halt, in any dtype; docs/streaming.md says so. Plain steps are compared.
+        event("stream: accelerated solver with a read-out criterion: decisions not compared")
         return
     for i in range(case.B):
         with torch.no_grad():
@@ -445,8 +453,11 @@ def test_stream_rows_equal_their_solve_alone(data, solver, slots, batch, check_e
         if not torch.allclose(flat(sol.z)[i:i + 1], flat(alone.z), rtol=rtol, atol=atol):
             # MAX_ITER's answer is the best iterate of an unconverged run: rounding differences,
             # amplified by an accelerated solver (or a tie between two residuals, e.g. under an
-            # isometry), can pick another iterate of nearly the same residual
-            assert int(sol.status[i]) in (int(Status.MAX_ITER), int(Status.DIVERGED)), (i, sol.z, alone.z)
+            # isometry), can pick another iterate of nearly the same residual. A HALTED sample is
+            # not at a fixed point either: an accelerated solver's per-row rounding, amplified
+            # over its run, moves where its read-out criterion stops it.
+            unconverged = (int(Status.MAX_ITER), int(Status.DIVERGED)) + (() if plain else (int(Status.HALTED),))
+            assert int(sol.status[i]) in unconverged, (i, sol.z, alone.z)
             assert not plain or torch.allclose(sol.residual[i:i + 1].double(), alone.residual.double(),
                                                rtol=1e-9, atol=1e-12), (i, sol.residual, alone.residual)
             event("stream: an unconverged row's best iterate picked differently (rounding)")
