@@ -252,9 +252,9 @@ def _iterate_sample(
     the look the window's norms go to the host (one sync), where each sample's first pass
     that met its criterion (or diverged, or spent the budget) is found, so iteration counts
     and returned iterates are exact; a sample that stopped inside the window only cost the
-    rows of the passes after it. On the device a look is at most one stack and one gather of
-    iterates (none while every residual keeps falling), and the stopped rows are dropped from
-    f, x and the solver state (one gather per field).
+    rows of the passes after it. On the device a look gathers the answers of the rows that
+    stop (one gather per pass that holds them; nothing is copied while every residual keeps
+    falling) and drops those rows from f, x and the solver state (one gather per field).
     """
     B, dev, dtype = z0.shape[0], z0.device, z0.dtype
     measure = _measurer(rule, halt, z0)

@@ -8,7 +8,6 @@ and count every trial evaluation honestly.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

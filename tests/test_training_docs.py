@@ -7,7 +7,6 @@ import pathlib
 import re
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
