@@ -91,6 +91,7 @@ def _worker(rank, init_file, out_file):
             results[backward] = {"model": _grads(model), "bare": _grads(bare)}
         if rank == 0:
             torch.save(results, out_file)
+        dist.barrier()   # (a rank that tears gloo down while the other still talks can abort)
     finally:
         dist.destroy_process_group()
 
