@@ -8,6 +8,7 @@ inside it; a bare `DDP(DEQ(...))` (whose forward returns `(z, sol)`) is checked 
 from __future__ import annotations
 
 import os
+import warnings
 import tempfile
 
 import pytest
@@ -92,8 +93,10 @@ def _worker(rank, init_file, out_file):
         if rank == 0:
             torch.save(results, out_file)
         dist.barrier()   # (a rank that tears gloo down while the other still talks can abort)
+        open(f"{out_file}.done{rank}", "w").close()   # this rank's work is complete
     finally:
         dist.destroy_process_group()
+    os._exit(0)   # (skip interpreter teardown, where gloo's threads have aborted a rank)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,15 @@ def ddp_grads():
     mp = pytest.importorskip("torch.multiprocessing")
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "grads.pt")
-        mp.spawn(_worker, args=(init_file, out_file), nprocs=WORLD, join=True)
+        try:
+            mp.spawn(_worker, args=(init_file, out_file), nprocs=WORLD, join=True)
+        except mp.ProcessExitedException as err:
+            # gloo has aborted a rank while tearing down (SIGABRT, 'terminate called without an
+            # active exception'), rarely and not reproducibly: harmless once every rank has
+            # finished its work and the gradients are saved; a failure anywhere else is not.
+            if not all(os.path.exists(f"{out_file}.done{r}") for r in range(WORLD)):
+                raise
+            warnings.warn(f"test_ddp: {err} after every rank finished (gloo teardown)")
         return torch.load(out_file, weights_only=True)
 
 

@@ -138,7 +138,8 @@ def test_safeguarded_anderson_beats_plain_iteration_on_the_resnet_layer(resnet_c
     guarded = _solve(layer, z0, x, "anderson", **opts)
     assert plain.converged.all() and (plain.iterations == 143).all()
     # the failure the issue reports: textbook Anderson wanders and spends its budget
-    assert (textbook.status == Status.MAX_ITER).sum() >= 4, textbook
+    # (how many samples it loses depends on the CPU's rounding: 2 to 4 of 32 measured)
+    assert (textbook.status == Status.MAX_ITER).sum() >= 2, textbook
     assert (textbook.residual.max() > 1e-2)
     assert guarded.converged.all(), guarded
     assert (guarded.iterations <= plain.iterations).all(), guarded.iterations

@@ -145,8 +145,9 @@ def test_each_row_follows_its_solo_trajectory(solver):
     data = samples()
     # Rounding differs (the per-row small systems carry identity blocks for the unused
     # slots); Anderson's nearly dependent columns on the 1e4-scaled Powell rows amplify it
-    # to ~3e-8, elsewhere it stays below 1e-10.
-    fired = _compare(solver, SCHEDULE, data, tol=lambda sample: 1e-7 if data[sample][1][0] == 0 else 1e-10)
+    # to ~3e-8, elsewhere it stays below 1e-10. (The BLAS kernels differ between machines:
+    # one CPU measured 1.5e-7 and 5e-10 here, so the bounds carry a factor of 10 of room.)
+    fired = _compare(solver, SCHEDULE, data, tol=lambda sample: 1e-6 if data[sample][1][0] == 0 else 1e-9)
     if getattr(solver, "line_search", False):
         assert fired, "the schedule should exercise the line search"
 
@@ -167,7 +168,7 @@ def test_rows_through_safeguard_rejections(solver):
     x[2, 1, 2, 3] -= 1e-6
     data = [(torch.zeros(4, 4, 4, dtype=F64), x[i]) for i in range(3)]
     schedule = [[(0, 50), (1, 40)], [(1, 7), (0, 45), (2, 40)], [(2, 44), (0, 52)]]
-    fired = _compare(solver, schedule, data, f=layer, tol=lambda sample: 1e-9)
+    fired = _compare(solver, schedule, data, f=layer, tol=lambda sample: 1e-8)   # (3e-9 measured on one CPU)
     assert fired == solver.safeguard
 
 
