@@ -281,7 +281,7 @@ def measure(s: Stream, repeats: int, compiled: bool = True, check_every: Any = N
     out = {"name": s.name, "description": s.description, "N": N, "K": K, "iterations_sum": total,
            "iterations_mean": total / N, "slots": s.batch, "rtol": s.rtol, "norm": s.norm,
            "accuracy": accuracy, "k_equal_accuracy": k_acc, "ideal_ms": fixed * total / (N * K) * 1e3,
-           "compile_s": compile_s, "check_every": check_every or fpsolve._stream.DEFAULT_CHECK_EVERY,
+           "compile_s": compile_s, "check_every": check_every or fpsolve._options.DEFAULT_CHECK_EVERY,
            "methods": {}}
     for m in methods:
         w = sorted(walls[m])

@@ -4,7 +4,8 @@ Everything public is imported here; the modules behind it are private.
 """
 from ._correction import Correction
 from ._criteria import HaltHead, OutputKL, Residual, Stable
-from ._backward import ConvergenceWarning, Implicit, Phantom, Unroll
+from ._backward import Implicit, Phantom, Unroll
+from ._implicit import ConvergenceWarning
 from ._deq import DEQ, jacobian_penalty
 from .diagnostics import Flag, Report, diagnose
 from .norms import frobenius_bound, lipschitz_bounds, spectral_bound

@@ -15,6 +15,11 @@ import torch
 from torch import Tensor
 
 
+class ArgumentError(TypeError, ValueError):
+    """A count of the wrong kind (a float, a bool, a string): both a TypeError and a
+    ValueError, so code written against either of fpsolve's older answers still catches it."""
+
+
 def _kind(value: Any) -> str:
     return type(value).__name__
 
@@ -22,13 +27,13 @@ def _kind(value: Any) -> str:
 def as_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """`value` as an int >= minimum; bools, floats (even 10.0) and strings are rejected."""
     if isinstance(value, (bool, float)) or not isinstance(value, (numbers.Integral, Tensor)):
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r} ({_kind(value)}).")
+        raise ArgumentError(f"{name} must be an integer >= {minimum}; got {value!r} ({_kind(value)}).")
     if isinstance(value, Tensor) and (value.dtype == torch.bool or value.is_floating_point()):
-        raise TypeError(f"{name} must be an integer >= {minimum}; got a {value.dtype} tensor.")
+        raise ArgumentError(f"{name} must be an integer >= {minimum}; got a {value.dtype} tensor.")
     try:
         number = operator.index(value)
     except TypeError as err:
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}.") from err
+        raise ArgumentError(f"{name} must be an integer >= {minimum}; got {value!r}.") from err
     if number < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {number}.")
     return number
@@ -81,3 +86,31 @@ def usable_start(z0: Any) -> Any:
     if isinstance(z0, (tuple, list)) and any(isinstance(t, Tensor) and t.is_inference() for t in z0):
         return type(z0)(t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in z0)
     return z0
+
+
+def check_transforms(backward: Any) -> None:
+    """A clear error for torch.func transforms that fpsolve cannot run under (call it first).
+
+    vmap: solve is batched over dimension 0 already and decides halting on the host, so it
+    cannot be vmapped. torch.func.grad & co. through Implicit: its adjoint runs torch.autograd
+    on a kept graph, which functorch forbids. Both errors say what to use instead.
+    """
+    if not torch._C._are_functorch_transforms_active():
+        return
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if TransformType.Vmap in kinds:
+        raise RuntimeError(
+            "torch.func.vmap over fpsolve.solve is not supported: solve is already batched "
+            "over dimension 0, with per-sample halting and status. Stack the problems along "
+            "dimension 0 and make one call (x of shape [B, ...], z0 of shape [B, ...]) instead."
+        )
+    if backward == "implicit" or getattr(backward, "autograd_in_backward", False):
+        raise RuntimeError(
+            "torch.func.grad (or vjp/jacrev) through backward='implicit' is not supported: the "
+            "implicit adjoint runs torch.autograd on a kept graph. Use torch.autograd.grad or "
+            "loss.backward() (ordinary autograd gives the implicit gradient), or, inside "
+            "torch.func transforms, backward='unroll' or fpsolve.Phantom(...)."
+        )

@@ -10,13 +10,12 @@ this module only validates the option and attaches the gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable, List, Tuple
 
 from torch import Tensor
 
+from ._backward import phantom_gradient
 from ._checks import as_float, as_int
-from ._solution import Solution
 
 
 @dataclass(frozen=True)
@@ -80,17 +79,12 @@ def check_correction(correction: Any, max_iter: int) -> Tuple[int, ...]:
     return correction.passes
 
 
-def attach(fn: Callable[[Tensor, Any], Tensor], path: List[Tensor], res: Solution, x: Any,
+def attach(fn: Callable[[Tensor, Any], Tensor], path: List[Tensor], status: Tensor, x: Any,
            correction: Correction, per_sample: bool) -> List[Tensor]:
     """Each kept iterate (loop layout) with the value it has and the phantom gradient of
     `correction.steps` passes from it; DIVERGED samples get none (as for `Phantom`)."""
-    from ._solve import _stepped   # (deferred: _solve imports this module)
-    out = []
-    for z in path:
-        z = z.detach()
-        out.append(_stepped(fn, SimpleNamespace(z=z, status=res.status), x,
-                            correction.steps, correction.damping, per_sample))
-    return out
+    return [phantom_gradient(fn, z.detach(), status, x, correction.steps, correction.damping, per_sample)
+            for z in path]
 
 
 __all__ = ["Correction", "check_correction", "attach"]

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from ._checks import as_float, as_int, as_tolerances
+from ._rules import constant, sample_norm
+from ._tree import select_rows, tensors_in
 
 CriterionState = Tuple[Tensor, ...]
 
@@ -57,6 +59,52 @@ class Residual:
         object.__setattr__(self, "rtol", r)
         if self.norm not in ("l2", "inf"):
             raise ValueError(f"Residual(norm={self.norm!r}) is not known; use 'l2' or 'inf'.")
+
+    # The rule's arithmetic, the one copy every part of fpsolve uses (as scipy's
+    # TerminationCondition owns its test).
+    def norms(self, g: Tensor, fz: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per sample (||f(z) - z||, ||f(z)||) in this rule's norm, given g = f(z) - z.
+
+        Args:
+            g: The residual f(z) - z, `[B, ...]`.
+            fz: f(z), shaped like g.
+
+        Returns:
+            Two `[B]` tensors: the residual norms and the norms of f(z).
+        """
+        return sample_norm(g, self.norm), sample_norm(fz, self.norm)
+
+    def excess(self, rn: Tensor, fnorm: Tensor) -> Tensor:
+        """rn - (atol + rtol * fnorm): <= 0 exactly where the rule holds (nan never holds).
+
+        Args:
+            rn: `[B]` residual norms ||f(z) - z||.
+            fnorm: `[B]` norms ||f(z)||.
+
+        Returns:
+            `[B]`: the margin by which each sample misses the rule (<= 0: it holds).
+        """
+        e = torch.addcmul(rn, fnorm, constant(-self.rtol, rn.dtype, rn.device))
+        return e if self.atol == 0.0 else e - constant(self.atol, rn.dtype, rn.device)
+
+    def holds(self, z: Tensor, fz: Tensor) -> Tensor:
+        """Whether the rule holds at z, per sample (given f(z)).
+
+        Args:
+            z: The iterate `[B, ...]`.
+            fz: f(z), shaped like z.
+
+        Returns:
+            bool `[B]`.
+
+        Example:
+            ```python
+            z = torch.tensor([[1.0], [2.0]])
+            print(fpsolve.Residual(rtol=1e-3).holds(z, 0.5 * z + 1))   # z* = 2: tensor([False,  True])
+            ```
+        """
+        rn, fnorm = self.norms(fz - z, fz)
+        return self.excess(rn, fnorm) <= 0
 
 
 def _check_readout(owner: str, readout: Any) -> None:
@@ -291,7 +339,7 @@ class HaltHead:
             bool `[b]` ("halt here") and the new state.
         """
         logit = self.head(z)
-        b = next(iter(_leaves(z))).shape[0]
+        b = tensors_in(z)[0].shape[0]
         if not isinstance(logit, Tensor) or logit.shape[0] != b or logit[0].numel() != 1:
             got = type(logit).__name__ if not isinstance(logit, Tensor) else f"shape {tuple(logit.shape)}"
             raise ValueError(f"HaltHead: head(z) must return one logit per sample ([B] or [B, 1]); got {got}.")
@@ -309,10 +357,6 @@ class HaltHead:
             The state, with the `fresh` rows starting afresh.
         """
         return state
-
-
-def _leaves(z: Any) -> Tuple[Tensor, ...]:
-    return (z,) if isinstance(z, Tensor) else tuple(z)
 
 
 Criterion = Any   # Residual | Stable | OutputKL | HaltHead (or an object with init/check/reset)
@@ -345,9 +389,27 @@ def make_criterion(criterion: Any, atol: float, rtol: float, norm: str,
     return Residual(atol, rtol, norm), criterion
 
 
-def compact_state(state: Any, keep: Tensor) -> Any:
-    """The rows `keep` of every tensor in a criterion state (None entries pass through)."""
-    return tuple(s.index_select(0, keep) if isinstance(s, Tensor) else s for s in state)
+class PackedCriterion:
+    """A criterion other than the residual rule, seen by the loop on its packed tensors: the
+    loop's `[b, D]` iterates are unpacked to the user's structure for the criterion."""
+
+    def __init__(self, criterion: Any, unpack: Callable[[Tensor], Any]) -> None:
+        self.criterion, self.unpack = criterion, unpack
+
+    def init(self, z: Tensor) -> Any:
+        return self.criterion.init(self.unpack(z), z.shape[0], z.device)
+
+    def __call__(self, z: Tensor, fz: Tensor, state: Any) -> Tuple[Tensor, Any]:
+        mask, state = self.criterion.check(self.unpack(z), self.unpack(fz), state)
+        return mask.to(device=z.device, dtype=torch.bool), state
+
+    def reset(self, state: Any, fresh: Tensor) -> Any:
+        return self.criterion.reset(state, fresh)
+
+    @staticmethod
+    def select(state: Any, rows: Tensor) -> Any:
+        """The state of the rows `rows` (the loop dropped the others)."""
+        return select_rows(state, rows)
 
 
-__all__ = ["Residual", "Stable", "OutputKL", "HaltHead", "make_criterion", "compact_state"]
+__all__ = ["Residual", "Stable", "OutputKL", "HaltHead", "make_criterion", "PackedCriterion"]

@@ -7,13 +7,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._backward import check_transforms, make_backward
-from ._checks import as_bool, as_int, as_tolerances, usable_start
-from ._correction import check_correction
-from ._criteria import make_criterion
+from ._checks import as_int, check_transforms, usable_start
+from ._options import DEQ_DEFAULTS, Options
 from ._solution import Solution
-from ._solve import HALTINGS, NORMS, _check_choice, make_solver, solve
-from ._tree import StateLayout
+from ._solve import solve_with
+from ._tree import ShapeError, StateLayout
 from .blocks import SharedDropout
 
 
@@ -70,13 +68,10 @@ _SHAPE_WORDS = ("shape", "size", "dimension", "channels", "broadcast", "expand")
 
 
 def _is_shape_error(err: BaseException) -> bool:
-    """The block returned another shape (fpsolve's output check), or rejected the state's
+    """The block returned another shape (fpsolve's `ShapeError`), or rejected the state's
     shape itself: a RuntimeError from a matmul, view, norm or broadcast that did not fit."""
-    if isinstance(err, ValueError):
-        tb = err.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        return tb is not None and tb.tb_frame.f_code.co_name == "check_output"
+    if isinstance(err, ShapeError):
+        return True
     if type(err) is RuntimeError:
         text = str(err).lower()
         return any(w in text for w in _SHAPE_WORDS)
@@ -161,23 +156,20 @@ class DEQ(nn.Module):
         if not callable(block):
             raise TypeError(f"block must be an nn.Module or a function f(z, x); got {type(block).__name__}.")
         self.block = block
-        # Every option is validated now, not at the first forward (numbers stored as plain ones).
-        make_solver(solver)
-        make_backward(backward)
-        _check_choice("halting", halting, HALTINGS)
-        _check_choice("norm", norm, NORMS)
-        atol, rtol = as_tolerances(atol, rtol)
-        max_iter = as_int("max_iter", max_iter)
-        record = as_bool("record", record)
-        jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
-        make_criterion(criterion, atol, rtol, norm)
-        check_correction(correction, max_iter)
-        if check_every is not None:
-            check_every = as_int("check_every", check_every)
-        self.options = dict(solver=solver, backward=backward, atol=atol, rtol=rtol,
-                            max_iter=max_iter, halting=halting, norm=norm, record=record,
-                            criterion=criterion, check_every=check_every, correction=correction)
-        self.jacobian_penalty = jacobian_penalty
+        # Every option is normalised now, once (not at the first forward, not at every forward).
+        self.settings = Options.make("DEQ", DEQ_DEFAULTS, dict(
+            solver=solver, backward=backward, atol=atol, rtol=rtol, max_iter=max_iter, halting=halting,
+            norm=norm, record=record, criterion=criterion, check_every=check_every, correction=correction))
+        self.jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
+
+    @property
+    def options(self) -> dict:
+        """The options as given (numbers normalised), as keyword arguments of `fpsolve.solve`.
+
+        Returns:
+            A new dict each time (`self.settings` holds the normalised `Options` in force).
+        """
+        return dict(self.settings.given)
 
     def forward(self, x: Any, z0: Any = None) -> Tuple[Any, Solution]:
         """Solve z = block(z, x) for the batch x; returns `(z, sol)`.
@@ -203,7 +195,7 @@ class DEQ(nn.Module):
             print(layer.last_solution.stats()["iterations_mean"])
             ```
         """
-        check_transforms(make_backward(self.options["backward"]))
+        check_transforms(self.settings.backward)
         for m in self.modules():          # SharedDropout: one mask per forward, every pass
             if isinstance(m, SharedDropout):
                 m.reset()
@@ -221,7 +213,7 @@ class DEQ(nn.Module):
             # Parametrizations (spectral_norm, ...) are computed once per forward, so f is the
             # same map at every pass (and cheaper); the graph still reaches the originals.
             with parametrize.cached():
-                sol = solve(self.block, z0, x, **self.options)
+                sol = solve_with(self.block, z0, x, self.settings)
         except Exception as err:
             # With z0 inferred, a block that rejects the state's shape on its first call (or
             # returns another shape) almost always means the state has another width than x.
@@ -242,6 +234,4 @@ class DEQ(nn.Module):
         return sol.z, sol
 
     def extra_repr(self) -> str:
-        o = self.options
-        return (f"solver={o['solver']!r}, backward={o['backward']!r}, rtol={o['rtol']}, "
-                f"max_iter={o['max_iter']}, halting={o['halting']!r}")
+        return self.settings.describe() + (f", jacobian_penalty={self.jacobian_penalty}" if self.jacobian_penalty else "")

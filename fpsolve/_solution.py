@@ -4,10 +4,12 @@ from __future__ import annotations
 import copy
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from ._tree import map_tensors
 
 
 class Status(enum.IntEnum):
@@ -110,13 +112,28 @@ class Solution:
     status: torch.Tensor
     evaluations: int
     trace: Optional[torch.Tensor] = None
-    #: with backward="implicit": the adjoint solve's own Solution, set when backward runs
-    adjoint: Optional["Solution"] = None
     #: with DEQ(jacobian_penalty=k): per-sample estimate of ||∂f/∂z||_F² at z (differentiable)
     jacobian_penalty: Optional[torch.Tensor] = None
     #: with correction=fpsolve.Correction(passes=...): per chosen pass, every sample's iterate
     #: there (like z0), carrying the correction's phantom gradient (fpsolve/_correction.py)
     path: Optional[List[Any]] = None
+    #: one cell shared with every `detached()` copy: the implicit backward fills it once
+    _adjoint_cell: List[Any] = field(default_factory=lambda: [None], init=False, repr=False, compare=False)
+
+    @property
+    def adjoint(self) -> Optional["Solution"]:
+        """With backward="implicit": the adjoint solve's own Solution, set when backward runs.
+
+        Every `detached()` copy sees it too (they share one cell).
+
+        Returns:
+            The adjoint's `Solution`, or None before backward (and for other backward modes).
+        """
+        return self._adjoint_cell[0]
+
+    @adjoint.setter
+    def adjoint(self, value: Optional["Solution"]) -> None:
+        self._adjoint_cell[0] = value
 
     def summary(self) -> str:
         """A one-line human-readable account of the batch (what `print(sol)` shows).
@@ -170,8 +187,7 @@ class Solution:
             print(stats["iterations_mean"], stats["residual_max"])
             ```
         """
-        # Status.HALTED (= 3) is being added in parallel; its integer code is used until then.
-        halted = int(getattr(Status, "HALTED", 3))
+        halted = int(Status.HALTED)
         n = self.status.numel()
         out: Dict[str, float] = {"batch_size": float(n)}
         if n == 0:
@@ -215,26 +231,10 @@ class Solution:
             assert not kept.z.requires_grad and kept.adjoint is not None
             ```
         """
-        twin = copy.copy(self)
-        twin.__dict__.pop("_followers", None)
-        twin.z = _detach(self.z)
+        twin = copy.copy(self)   # (shares the adjoint cell: a later backward fills both)
+        twin.z = map_tensors(torch.Tensor.detach, self.z)
         if self.path is not None:
-            twin.path = [_detach(p) for p in self.path]
+            twin.path = [map_tensors(torch.Tensor.detach, p) for p in self.path]
         if self.jacobian_penalty is not None:
             twin.jacobian_penalty = self.jacobian_penalty.detach()
-        self.__dict__.setdefault("_followers", []).append(twin)
         return twin
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if name == "adjoint":   # set by the implicit backward: tell the detached copies too
-            for twin in self.__dict__.get("_followers", ()):
-                twin.adjoint = value
-
-
-def _detach(z: Any) -> Any:
-    if isinstance(z, torch.Tensor):
-        return z.detach()
-    if isinstance(z, (tuple, list)):
-        return type(z)(_detach(t) for t in z)
-    return z

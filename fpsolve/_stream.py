@@ -18,23 +18,23 @@ criterion first held (CONVERGED / HALTED), or its best iterate when the budget r
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._criteria import make_criterion
-from ._loop import _NUMPY, DIVERGENCE_FACTOR, Halt, _index, first_stops, host_arrays, window_answers
+from ._checks import as_bool, as_int
+from ._criteria import PackedCriterion
+from ._options import STREAM_DEFAULTS, Options
+from ._rules import (NUMPY, Finished, assemble, check_step, first_stops, floor as state_floor, host_arrays,
+                     index_tensor, limit_np, rounding, sample_norm, solution, window_answers)
 from ._solution import Solution, Status
-from ._checks import as_bool, as_tolerances
-from ._solve import DEFAULT_CHECK_EVERY, NORMS, _check_choice, check_max_iter, make_solver
+from ._tree import StateLayout, align, leaves, map_tensors, rebuild, tensors_in
 from .solvers.fixed_point import FixedPointIteration
-from ._tree import StateLayout, tensors_in
 
-
+#: What `stream` and `solve_stream` take beside the solver options.
+ENGINE_DEFAULTS = dict(slots=64, z0=None, compile=False)
 
 
 class StreamResult(NamedTuple):
@@ -63,17 +63,6 @@ class StreamResult(NamedTuple):
     status: Status
 
 
-@dataclass
-class _Chunk:
-    """Results emitted at one check: the states (loop layout [n, ...]) and host-side numbers."""
-
-    index: np.ndarray
-    z: Tensor
-    iterations: np.ndarray
-    residual: np.ndarray
-    status: np.ndarray
-
-
 class _Rows:
     """The input stream as rows: pulls batches from `inputs` and hands out the next n rows."""
 
@@ -99,16 +88,20 @@ class _Rows:
         except StopIteration:
             self.done = True
             return False
-        leaves = tensors_in(batch)
         self.batches += 1
-        if not leaves or not _same_structure_leaves(batch, leaves):
+        if self.template is not None:
+            batch = align(self.template, batch, f"inputs: batch {self.batches}")
+        parts = leaves(batch)
+        leaves_ = [t for t in parts if isinstance(t, Tensor)]
+        if not isinstance(batch, (Tensor, tuple, list, dict)) or not leaves_ or len(leaves_) != len(parts):
             raise TypeError(
                 f"inputs: batch {self.batches} must be a tensor or a tuple/list/dict of tensors "
                 f"(batch-first); got {type(batch).__name__}."
             )
-        b = leaves[0].shape[0] if leaves[0].ndim else -1
-        spec = [(t.shape[1:], t.dtype) for t in leaves]
-        if any(t.ndim == 0 or t.shape[0] != b for t in leaves):
+        leaves_t = leaves_
+        b = leaves_t[0].shape[0] if leaves_t[0].ndim else -1
+        spec = [(t.shape[1:], t.dtype) for t in leaves_t]
+        if any(t.ndim == 0 or t.shape[0] != b for t in leaves_t):
             raise ValueError(f"inputs: batch {self.batches} holds tensors with different batch sizes; every "
                              f"tensor of a batch must share dimension 0.")
         if self.row_spec is None:
@@ -121,7 +114,7 @@ class _Rows:
                 f"same shape (f sees a fixed [slots, ...] batch). Pad, or stream each shape separately."
             )
         if b:
-            self.parts.append((leaves, b))
+            self.parts.append((leaves_t, b))
             self.pending += b
         return True
 
@@ -150,29 +143,7 @@ class _Rows:
 
     def structure(self, leaves: List[Tensor]) -> Any:
         """Leaves back in the structure of the stream's batches (what f and z0 receive)."""
-        return _unflatten(self.template, iter(leaves))
-
-
-def _unflatten(template: Any, leaves: Iterator[Tensor]) -> Any:
-    if isinstance(template, Tensor):
-        return next(leaves)
-    if isinstance(template, dict):
-        return {k: _unflatten(v, leaves) for k, v in template.items()}
-    return type(template)(_unflatten(v, leaves) for v in template)
-
-
-def _same_structure_leaves(batch: Any, leaves: List[Tensor]) -> bool:
-    return isinstance(batch, (Tensor, tuple, list, dict)) and len(leaves) == _count_leaves(batch)
-
-
-def _count_leaves(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return 1
-    if isinstance(x, dict):
-        return sum(_count_leaves(v) for v in x.values())
-    if isinstance(x, (tuple, list)):
-        return sum(_count_leaves(v) for v in x)
-    return 1   # (a non-tensor leaf: counted, so the structure check fails)
+        return rebuild(self.template, iter(leaves))
 
 
 def _start_rows(z0: Any, x_rows: Any, n: int) -> Any:
@@ -195,9 +166,7 @@ def _start_rows(z0: Any, x_rows: Any, n: int) -> Any:
                 "stream: z0 must be None, a callable z0(x_rows) -> state rows, or one state row "
                 "with batch dimension 1 ([1, ...], or a tuple of such) shared by every sample."
             )
-        if isinstance(z0, Tensor):
-            return z0.expand(n, *z0.shape[1:])
-        return type(z0)(t.expand(n, *t.shape[1:]) for t in z0)
+        return map_tensors(lambda t: t.expand(n, *t.shape[1:]), z0)
     got = tensors_in(out)
     if not got or any(t.ndim == 0 or t.shape[0] != n for t in got):
         raise ValueError(f"stream: z0(x_rows) must return state rows with batch size {n} (one per input row).")
@@ -212,7 +181,7 @@ class _Slots:
         self.age = np.zeros(S, dtype=np.int64)           # evaluations the slot's sample has had
         self.limit = np.zeros(S, dtype=dtype)            # its divergence limit (set at its first pass)
         self.best_r = np.full(S, np.nan, dtype=dtype)    # its best residual so far (nan: none yet)
-        self.floor, self.factor = dtype.type(floor), dtype.type(DIVERGENCE_FACTOR)
+        self.floor = floor
         self.active = np.arange(S) < n0                  # the slot holds a sample not yet emitted
         self.sample = np.arange(S, dtype=np.int64)       # the sample's index in the stream
         self.cols = np.arange(S)
@@ -228,9 +197,8 @@ def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, max_iter: 
     K = R.shape[0]
     cols, age, active = st.cols, st.age, st.active
     fresh = age == 0                                      # samples that started this window
-    if fresh.any():   # (their limit, as `_loop._limit`: a non-finite start gives the floor)
-        scale = R[0] + Fn[0]
-        np.copyto(st.limit, np.where(scale < np.inf, np.fmax(scale, st.floor), st.floor) * st.factor, where=fresh)
+    if fresh.any():   # (their divergence limit, from their first pass)
+        np.copyto(st.limit, limit_np(R[0], Fn[0], st.floor), where=fresh)
     first, codes = first_stops(R, met, st.limit, max_iter - 1 - age, done_code)
     sel, better = window_answers(R, first, codes == done_code, st.best_r)   # (nan for a new sample)
     better &= active
@@ -240,38 +208,49 @@ def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, max_iter: 
     return sel, better, codes, its, (codes >= 0) & active
 
 
-def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, z0: Any, solver: Any,
-                   atol: float, rtol: float, max_iter: int, norm: str, criterion: Any,
-                   check_every: Optional[int], compile: bool = False) -> Iterator[Tuple[_Chunk, StateLayout]]:
-    """The engine: yields the results of each check as one chunk (loop layout)."""
-    if not callable(f):
-        raise TypeError(f"f must be callable as f(z, x); got {type(f).__name__}.")
-    slots = check_max_iter(slots, "slots")
-    check_every = DEFAULT_CHECK_EVERY if check_every is None else check_max_iter(check_every, "check_every")
-    atol, rtol = as_tolerances(atol, rtol)
-    max_iter = check_max_iter(max_iter)
-    _check_choice("norm", norm, NORMS)
-    rule, other = make_criterion(criterion, atol, rtol, norm)
-    solver_obj = make_solver(solver)
-    if not getattr(solver_obj, "per_row", False):
-        raise TypeError(
-            f"stream: solver {solver_obj!r} cannot restart single rows (no `per_row = True`); "
-            f"use a built-in solver ('fixed_point', 'anderson', 'broyden')."
-        )
-    compile = as_bool("compile", compile)
-    rows = _Rows(inputs)
-    x_first, n0 = rows.take(slots)
-    if x_first is None:
-        return
-    S = slots
-    z_first = _start_rows(z0, rows.structure(x_first), n0)
-    layout = StateLayout(z_first if isinstance(z_first, Tensor) else tuple(z_first))
-    dev, wdt = layout.device, layout.work_dtype
-    round_fn = None
-    if layout.work_dtype != layout.dtype:
-        low = layout.dtype
-        round_fn = lambda t: t.to(low).to(t.dtype)  # noqa: E731
+class _Engine:
+    """A stream's options, validated when `stream(...)` is called (not at the first `next()`)."""
 
+    def __init__(self, f: Callable[..., Any], inputs: Iterable[Any], options: Dict[str, Any]) -> None:
+        if not callable(f):
+            raise TypeError(f"f must be callable as f(z, x); got {type(f).__name__}.")
+        own = {k: options.pop(k) for k in list(options) if k in ENGINE_DEFAULTS}
+        own = {**ENGINE_DEFAULTS, **own}
+        self.opts = Options.make("stream", STREAM_DEFAULTS, options)
+        if not getattr(self.opts.solver, "per_row", False):
+            raise TypeError(
+                f"stream: solver {self.opts.solver!r} cannot restart single rows (no `per_row = True`); "
+                f"use a built-in solver ('fixed_point', 'anderson', 'broyden')."
+            )
+        self.slots = as_int("slots", own["slots"])
+        self.compile = as_bool("compile", own["compile"])
+        z0 = own["z0"]
+        if z0 is not None and not callable(z0):
+            _start_rows(z0, None, 1)   # (one state row: checked now)
+        self.f, self.z0, self.rows = f, z0, _Rows(inputs)
+
+    def chunks(self) -> Iterator[Tuple[Finished, StateLayout]]:
+        """The engine: yields the results of each look as one record (rows: stream indices)."""
+        f, z0, rows, opts, S = self.f, self.z0, self.rows, self.opts, self.slots
+        rule, other, solver_obj, max_iter = opts.rule, opts.criterion, opts.solver, opts.max_iter
+        x_first, n0 = rows.take(S)
+        if x_first is None:
+            return
+        z_first = _start_rows(z0, rows.structure(x_first), n0)
+        layout = StateLayout(z_first)
+        dev, wdt = layout.device, layout.work_dtype
+        round_fn = rounding(layout.dtype, wdt)
+        yield from _run_slots(fn=layout.wrap(f, True), layout=layout, rows=rows, z0=z0, x_first=x_first,
+                              z_first=z_first, n0=n0, S=S, rule=rule, other=other, solver_obj=solver_obj,
+                              max_iter=max_iter, K=opts.check_every, round_fn=round_fn, compile=self.compile)
+
+
+def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: Any, x_first: List[Tensor],
+               z_first: Any, n0: int, S: int, rule: Any, other: Any, solver_obj: Any, max_iter: int, K: int,
+               round_fn: Any, compile: bool) -> Iterator[Tuple[Finished, StateLayout]]:
+    """The slots' passes and looks (see the module docstring)."""
+    dev, wdt = layout.device, layout.work_dtype
+    hint = f" (It must treat the {S} slots independently.)"
     # Slot buffers: when fewer than S inputs exist, idle slots copy row 0 (a valid row).
     fill = torch.arange(S, device=dev).clamp_max_(n0 - 1) if n0 < S else None
     x_leaves = [_private(t if fill is None else t.index_select(0, fill.to(t.device)), dev) for t in x_first]
@@ -279,17 +258,14 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     z = layout.pack(z_first).detach().clone()
     if fill is not None:
         z = z.index_select(0, fill)
-    floor = math.sqrt(z[0].numel()) if rule.norm == "l2" else 1.0
-    st = _Slots(S, check_every, n0, np.dtype(_NUMPY[wdt]), floor)
+    st = _Slots(S, K, n0, np.dtype(NUMPY[wdt]), state_floor(z[0].numel(), rule.norm))
     # one state row shared by every sample: its rows for a refill, made once
     fixed_start = None if z0 is None or callable(z0) else layout.pack(_start_rows(z0, None, S))
     next_index = n0
 
-    fn = layout.wrap(f, True)
-    halt = None if other is None else Halt(other, layout.unpack)
-    hstate = halt.init(z) if halt is not None else None
+    criterion = None if other is None else PackedCriterion(other, layout.unpack)
+    cstate = criterion.init(z) if criterion is not None else None
     done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
-    K = check_every
     # One store of iterates: two rings of K passes (windows alternate between them, so the
     # previous window's iterates survive the next look) and one row per slot for a best
     # iterate that is older than that. Where each slot's answer lives is tracked on the host
@@ -308,9 +284,8 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
     rz = (ring_z[0].unbind(0), ring_z[1].unbind(0))
     window_norms = _bookkeeping("window", rule.norm, compile)
     rr, rf, rm = ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
-    neg_rtol = torch.tensor(-rule.rtol, dtype=wdt, device=dev)
-    needs_k = halt is not None or type(solver_obj) is not FixedPointIteration
-    record = _bookkeeping("pass", rule.norm, compile)
+    needs_k = criterion is not None or type(solver_obj) is not FixedPointIteration
+    write_pass = _bookkeeping("pass", rule.norm, compile)
     state = None
     parity = 0
 
@@ -321,14 +296,14 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
         ks = torch.from_numpy(st.age + st.steps).to(dev).unbind(0) if needs_k else range(K)
         ring = rz[parity]
         for p in range(K):
-            fz = _call(fn, z, x_slots, S)
+            fz = check_step(fn(z, x_slots), z, "in stream", hint)
             if lazy:
                 ring[p].copy_(z)
                 g = None
             else:
-                g = record(z, fz, ring[p], rr[p], rf[p])
-            if halt is not None:
-                met, hstate = halt(z, fz, other.reset(hstate, ks[p] == 0))
+                g = write_pass(z, fz, ring[p], rr[p], rf[p])
+            if criterion is not None:
+                met, cstate = criterion(z, fz, criterion.reset(cstate, ks[p] == 0))
                 rm[p].copy_(met)
             if state is None:
                 state = solver_obj.init(z, fz, g)
@@ -340,7 +315,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
         if lazy:
             ring[K].copy_(z)
             r_t, f_t = window_norms(ring_z[parity])
-        met_t = ring_met if halt is not None else torch.addcmul(r_t, f_t, neg_rtol) <= rule.atol
+        met_t = ring_met if criterion is not None else rule.excess(r_t, f_t) <= 0
         R, Fn, M = host_arrays(r_t, f_t, met_t)
         sel, better, codes, its, stops = _look(R, Fn, M, st, max_iter, done_code)
         # a best iterate in the previous window's ring that this window did not beat is saved
@@ -349,16 +324,16 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
         np.copyto(best_at, parity * W * S + sel * S + st.cols, where=better)
         if old.any():
             keep = np.flatnonzero(old)
-            store.index_copy_(0, _index(saved + keep, dev), store.index_select(0, _index(best_at[keep], dev)))
+            store.index_copy_(0, index_tensor(saved + keep, dev), store.index_select(0, index_tensor(best_at[keep], dev)))
             best_at[keep] = saved + keep
         parity ^= 1
         emit = np.flatnonzero(stops)
         n_emit = emit.size
         if not n_emit:
             continue
-        emit_t = _index(emit, dev)
-        yield _Chunk(st.sample[emit], store.index_select(0, _index(best_at[emit], dev)), its[emit],
-                     st.best_r[emit], codes[emit]), layout
+        emit_t = index_tensor(emit, dev)
+        yield Finished(st.sample[emit], store.index_select(0, index_tensor(best_at[emit], dev)), st.best_r[emit],
+                       its[emit], codes[emit]), layout
         # Refill the emitted slots with the next inputs (idle slots copy a live row).
         x_new, n_new = rows.take(n_emit)
         if n_new:
@@ -378,7 +353,7 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
             if live.size == 0:
                 return
             idle = emit_t[n_new:]
-            src = _index(live[:1], dev).expand(idle.numel())
+            src = index_tensor(live[:1], dev).expand(idle.numel())
             for buf in x_leaves:
                 buf.index_copy_(0, idle, buf.index_select(0, src))
             z = z.index_copy(0, idle, z.index_select(0, src))
@@ -388,13 +363,9 @@ def _stream_chunks(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int, 
 def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> Tensor:
     """A pass's bookkeeping: its iterate into the ring, ||f(z) - z|| and ||f(z)||; returns g."""
     g = fz - z
-    dims = tuple(range(1, z.ndim))
-    if l2:
-        torch.linalg.vector_norm(g, dim=dims, out=r_out)
-        torch.linalg.vector_norm(fz, dim=dims, out=f_out)
-    else:
-        torch.amax(g.abs(), dim=dims, out=r_out)
-        torch.amax(fz.abs(), dim=dims, out=f_out)
+    norm = "l2" if l2 else "inf"
+    sample_norm(g, norm, out=r_out)
+    sample_norm(fz, norm, out=f_out)
     z_out.copy_(z)
     return g
 
@@ -402,11 +373,8 @@ def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Ten
 def _window_norms(ring: Tensor, l2: bool) -> Tuple[Tensor, Tensor]:
     """Plain iteration's residual norms [K, S] for a whole window from its iterates z_0..z_K
     (f(z_p) = z_(p+1)): the same numbers as pass by pass, in three ops."""
-    g = ring[1:] - ring[:-1]
-    dims = tuple(range(2, ring.ndim))
-    if l2:
-        return torch.linalg.vector_norm(g, dim=dims), torch.linalg.vector_norm(ring[1:], dim=dims)
-    return g.abs().amax(dim=dims), ring[1:].abs().amax(dim=dims)
+    norm = "l2" if l2 else "inf"
+    return sample_norm(ring[1:] - ring[:-1], norm, start=2), sample_norm(ring[1:], norm, start=2)
 
 
 _COMPILED: dict = {}   # (what, l2) -> the torch.compile'd bookkeeping, made once per process
@@ -430,17 +398,6 @@ def _bookkeeping(what: str, norm: str, compile: bool) -> Callable[..., Any]:
 def _private(t: Tensor, device: torch.device) -> Tensor:
     """A private, contiguous copy of an input field on the state's device (written in place)."""
     return t.to(device=device).clone(memory_format=torch.contiguous_format)
-
-
-def _call(fn: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any, S: int) -> Tensor:
-    fz = fn(z, x)
-    if not isinstance(fz, Tensor) or fz.shape != z.shape or fz.dtype != z.dtype:
-        got = f"shape {tuple(fz.shape)}, dtype {fz.dtype}" if isinstance(fz, Tensor) else type(fz).__name__
-        raise ValueError(
-            f"stream: f returned {got} for a state of shape {tuple(z.shape)}, dtype {z.dtype}: f must "
-            f"return a state shaped like z (and treat the {S} slots independently)."
-        )
-    return fz
 
 
 def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0: Any = None,
@@ -499,17 +456,19 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
         assert all(torch.allclose(r.z, 2 * batches[r.index // 5][0], atol=1e-3) for r in results)
         ```
     """
-    with torch.no_grad():
-        for chunk, layout in _stream_chunks(f, inputs, slots=slots, z0=z0, solver=solver, atol=atol,
-                                            rtol=rtol, max_iter=max_iter, norm=norm,
-                                            criterion=criterion, check_every=check_every,
-                                            compile=compile):
-            zs = layout.unpack(chunk.z)
-            rows = zip(chunk.index.tolist(), chunk.iterations.tolist(), chunk.residual.tolist(),
-                       chunk.status.tolist())
-            for i, (idx, it, r, st) in enumerate(rows):
-                zi = zs[i] if isinstance(zs, Tensor) else type(zs)(t[i] for t in zs)
-                yield StreamResult(idx, zi, it, r, Status(st))
+    engine = _Engine(f, inputs, dict(slots=slots, z0=z0, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter,
+                                     norm=norm, criterion=criterion, check_every=check_every, compile=compile))
+    return _results(engine)
+
+
+@torch.no_grad()
+def _results(engine: _Engine) -> Iterator[StreamResult]:
+    """One StreamResult per sample, as the engine emits them (no gradients)."""
+    for chunk, layout in engine.chunks():
+        zs = layout.unpack(chunk.z)
+        rows = zip(chunk.rows.tolist(), chunk.iterations.tolist(), chunk.residual.tolist(), chunk.status.tolist())
+        for i, (idx, it, r, st) in enumerate(rows):
+            yield StreamResult(idx, map_tensors(lambda t: t[i], zs), it, r, Status(st))
 
 
 def solve_stream(f: Callable[..., Any], inputs: Iterable[Any], **options: Any) -> Solution:
@@ -539,37 +498,36 @@ def solve_stream(f: Callable[..., Any], inputs: Iterable[Any], **options: Any) -
         print(sol.iterations.tolist(), sol.evaluations)
         ```
     """
-    allowed = {"slots", "z0", "solver", "atol", "rtol", "max_iter", "norm", "criterion", "check_every", "compile"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise TypeError(f"solve_stream got unknown options {sorted(unknown)}; it takes {sorted(allowed)}.")
-    chunks: List[_Chunk] = []
-    layout = None
-    calls = {"n": 0}
-    slots = options.get("slots", 64)
-
-    def counted(z: Any, x: Any) -> Any:
-        calls["n"] += 1
-        return f(z, x)
-
+    engine = _Engine(f, inputs, dict(options))
+    engine.f = counted = _Counted(f)
+    chunks: List[Finished] = []
+    layout: Optional[StateLayout] = None
     with torch.no_grad():
-        for chunk, layout in _stream_chunks(counted, inputs, **{"slots": 64, "z0": None, "solver": "anderson",
-                                                                "atol": 0.0, "rtol": 1e-4, "max_iter": 50,
-                                                                "norm": "l2", "criterion": None,
-                                                                "check_every": None, "compile": False, **options}):
+        for chunk, layout in engine.chunks():
             chunks.append(chunk)
-    if not chunks:
+    if layout is None:   # an empty stream: an empty Solution (z empty, in the state's structure if known)
         empty = torch.zeros(0, dtype=torch.int64)
-        return Solution(z=torch.zeros(0), iterations=empty, residual=empty.double(), converged=empty.bool(),
-                        status=empty.clone(), evaluations=0)
-    order = np.argsort(np.concatenate([c.index for c in chunks]), kind="stable")
-    cat = lambda name: torch.from_numpy(np.concatenate([getattr(c, name) for c in chunks])[order])  # noqa: E731
-    dev = chunks[0].z.device
-    status = cat("status").to(dev)
-    z = torch.cat([c.z for c in chunks]).index_select(0, torch.from_numpy(order).to(dev))
-    return Solution(z=layout.unpack(z), iterations=cat("iterations").to(dev), residual=cat("residual").to(dev),
-                    converged=(status == int(Status.CONVERGED)) | (status == int(Status.HALTED)),
-                    status=status, evaluations=calls["n"] * int(slots))
+        z0, x = engine.z0, engine.rows.template
+        if z0 is not None and not callable(z0):
+            z = map_tensors(lambda t: t[:0], z0)
+        elif z0 is None and isinstance(x, Tensor):
+            z = torch.zeros_like(x[:0])
+        else:
+            z = torch.zeros(0)
+        return solution(z, empty.double(), empty, empty.clone(), 0)
+    z, r, it, status = assemble(chunks, chunks[0].z.device)
+    return solution(layout.unpack(z), r, it, status, counted.calls * engine.slots)
 
 
-__all__ = ["stream", "solve_stream", "StreamResult", "DEFAULT_CHECK_EVERY"]
+class _Counted:
+    """f, counting its calls (solve_stream's `evaluations`: slots times passes)."""
+
+    def __init__(self, f: Callable[..., Any]) -> None:
+        self.f, self.calls = f, 0
+
+    def __call__(self, z: Any, x: Any) -> Any:
+        self.calls += 1
+        return self.f(z, x)
+
+
+__all__ = ["stream", "solve_stream", "StreamResult"]

@@ -1,13 +1,18 @@
-"""Batch structures: pack a user's state into the loop's one tensor, and select rows of `x`.
+"""Batch structures: the one walker over users' nested states and inputs, and the state layout.
 
-The loop works on a single tensor `[B, ...]`. A single-tensor state is used as it is (a `[B]`
-state becomes `[B, 1]`); a tuple/list state is flattened per sample and concatenated to
-`[B, D]`. float16/bfloat16 states are solved in float32 and cast back for f and the result.
+Users pass a tensor, or tuples, lists, namedtuples and dicts of tensors (nested). Every part
+of fpsolve that looks inside such a structure goes through the functions here, so that a
+dict is always matched by key (never by position) and a namedtuple is rebuilt by field.
+
+The loop works on a single tensor `[B, ...]` (`StateLayout`): a single-tensor state is used
+as it is (a `[B]` state becomes `[B, 1]`); a tuple/list state is flattened per sample and
+concatenated to `[B, D]`. float16/bfloat16 states are solved in float32 and cast back for f
+and the result.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -15,8 +20,82 @@ from torch import Tensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def children(x: Any) -> Optional[List[Any]]:
+    """The parts of a container (dict values in key order), or None for a leaf."""
+    if isinstance(x, dict):
+        return list(x.values())
+    if isinstance(x, (tuple, list)):
+        return list(x)
+    return None
+
+
+def remake(template: Any, parts: Sequence[Any]) -> Any:
+    """A container like `template` holding `parts` (dict by its keys, namedtuple by field)."""
+    if isinstance(template, dict):
+        return type(template)(zip(template.keys(), parts))
+    if _is_namedtuple(template):
+        return type(template)(*parts)
+    return type(template)(parts)
+
+
+def leaves(x: Any) -> List[Any]:
+    """Every leaf of a nested structure, depth first (dict values in key order)."""
+    parts = children(x)
+    if parts is None:
+        return [x]
+    return [leaf for p in parts for leaf in leaves(p)]
+
+
+def tensors_in(x: Any) -> List[Tensor]:
+    """All tensors in a (nested) structure."""
+    return [t for t in leaves(x) if isinstance(t, Tensor)]
+
+
+def rebuild(template: Any, items: Iterator[Any]) -> Any:
+    """`template`'s structure with its leaves taken, in order, from `items`."""
+    parts = children(template)
+    if parts is None:
+        return next(items)
+    return remake(template, [rebuild(p, items) for p in parts])
+
+
+def map_tensors(fn: Callable[[Tensor], Any], x: Any) -> Any:
+    """x with every tensor t replaced by fn(t), keeping its structure (other leaves as they are)."""
+    parts = children(x)
+    if parts is None:
+        return fn(x) if isinstance(x, Tensor) else x
+    return remake(x, [map_tensors(fn, p) for p in parts])
+
+
+def align(template: Any, x: Any, name: str = "x") -> Any:
+    """x with every dict's keys in the order of the matching dict of `template` (matched by
+    key, never by position); a clear error naming the keys when the structures differ."""
+    if isinstance(template, dict):
+        if not isinstance(x, dict) or set(x) != set(template):
+            got = sorted(map(str, x)) if isinstance(x, dict) else type(x).__name__
+            raise ValueError(f"{name} has keys {got}, but the first batch had {sorted(map(str, template))}: "
+                             f"every batch must have the same keys.")
+        return {k: align(template[k], x[k], f"{name}[{k!r}]") for k in template}
+    parts, want = children(x), children(template)
+    if want is None or parts is None:
+        if (want is None) != (parts is None):
+            raise ValueError(f"{name} is a {type(x).__name__}, but the first batch had a {type(template).__name__} there.")
+        return x
+    if len(parts) != len(want):
+        raise ValueError(f"{name} has {len(parts)} parts, but the first batch had {len(want)}.")
+    return remake(x, [align(w, p, f"{name}[{i}]") for i, (w, p) in enumerate(zip(want, parts))])
+
+
 def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+class ShapeError(ValueError):
+    """f returned a state of another structure, shape, dtype or device than z0."""
 
 
 class StateLayout:
@@ -29,6 +108,7 @@ class StateLayout:
         elif isinstance(z0, (tuple, list)) and len(z0) > 0:
             leaves = tuple(z0)
             self.container = type(z0)
+            self.template = z0
         else:
             raise TypeError(
                 f"z0 must be a tensor [B, ...] or a non-empty tuple/list of such tensors; "
@@ -78,7 +158,7 @@ class StateLayout:
             return t if len(self.sample_shapes[0]) else t.squeeze(1)
         b = t.shape[0]
         parts = torch.split(t, self.sizes, dim=1)
-        return self.container(p.reshape(b, *s) for p, s in zip(parts, self.sample_shapes))
+        return remake(self.template, [p.reshape(b, *s) for p, s in zip(parts, self.sample_shapes)])
 
     def is_identity(self) -> bool:
         """True when pack/unpack are no-ops (single tensor state, ndim > 1, work dtype)."""
@@ -109,7 +189,7 @@ class StateLayout:
             if not isinstance(o, Tensor):
                 raise TypeError(f"{name} must be a tensor; got {type(o).__name__}.")
             if o.shape != ref.shape or o.dtype != ref.dtype or o.device != ref.device:
-                raise ValueError(
+                raise ShapeError(
                     f"{name} returned {_describe(o)}, but {ref_name} has {_describe(ref)}: "
                     f"f must map a state to a state of the same shape, dtype and device."
                 )
@@ -161,21 +241,4 @@ def check_x(x: Any, batch: int, name: str = "x") -> None:
 
 def select_rows(x: Any, index: Tensor) -> Any:
     """The rows `index` of every tensor in x, keeping its structure."""
-    if x is None:
-        return None
-    if isinstance(x, Tensor):
-        return x.index_select(0, index)
-    if isinstance(x, dict):
-        return {k: select_rows(v, index) for k, v in x.items()}
-    return type(x)(select_rows(v, index) for v in x)
-
-
-def tensors_in(x: Any) -> list[Tensor]:
-    """All tensors in a (nested) structure."""
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in tensors_in(v)]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in tensors_in(v)]
-    return []
+    return map_tensors(lambda t: t.index_select(0, index), x)

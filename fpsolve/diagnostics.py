@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import _spectral
 from ._solution import Solution, Status
-from ._solve import solve
+from ._options import SOLVE_DEFAULTS, Options
+from ._solve import solve_with
 from ._tree import StateLayout, select_rows, tensors_in
 
 #: A halt is false when the estimated distance to the fixed point exceeds the tolerance by this.
@@ -392,10 +393,6 @@ class Report:
 
 # --- helpers ------------------------------------------------------------------------------
 
-_SOLVE_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(solve).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-}
 
 
 def _norm(t: Tensor, norm: str) -> Tensor:
@@ -664,27 +661,24 @@ def diagnose(
         raise ValueError(f"jacobian={jacobian!r} is not known; use 'auto', 'forward' or 'differences'.")
     if check is not None and not callable(check):
         raise TypeError(f"check must be callable as check(z, x) -> bool tensor [B]; got {type(check).__name__}.")
-    unknown = set(options) - set(_SOLVE_DEFAULTS)
-    if unknown:
-        raise TypeError(f"diagnose got options that solve does not take: {sorted(unknown)}; "
-                        f"solve takes {sorted(_SOLVE_DEFAULTS)}.")
     options = {k: v for k, v in options.items() if k not in ("record", "backward")}
-    opts = {**_SOLVE_DEFAULTS, **options}
-    atol, rtol, max_iter = float(opts["atol"]), float(opts["rtol"]), int(opts["max_iter"])
-    norm, per_sample = opts["norm"], opts["halting"] == "sample"
+    opts = Options.make("diagnose", SOLVE_DEFAULTS, options)
+    atol, rtol, max_iter = opts.rule.atol, opts.rule.rtol, opts.max_iter
+    norm, per_sample = opts.rule.norm, opts.per_sample
 
     with torch.no_grad(), _KeepState(f):
-        sol = solve(f, z0, x, **options, record=True, backward="none")
+        sol = solve_with(f, z0, x, opts.replace(record=True, backward=None))
         layout = StateLayout(z0)
         return _diagnose(f, z0, x, sol, layout, restarts, check, max_period, krylov,
                          plain_iter if plain_iter is not None else max(max_iter, 4 * max_period),
-                         jacobian, seed, options, atol, rtol, max_iter, norm, per_sample,
-                         {k: opts[k] for k in ("solver", "atol", "rtol", "max_iter", "halting", "norm")})
+                         jacobian, seed, opts, atol, rtol, max_iter, norm, per_sample,
+                         dict(solver=opts.given["solver"], atol=atol, rtol=rtol, max_iter=max_iter,
+                              halting=opts.halting, norm=norm))
 
 
 def _diagnose(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, layout: StateLayout, restarts: int,
               check: Optional[Callable[[Any, Any], Any]], max_period: int, krylov: int, plain_iter: int,
-              jacobian: str, seed: int, options: Dict[str, Any], atol: float, rtol: float, max_iter: int,
+              jacobian: str, seed: int, opts: Options, atol: float, rtol: float, max_iter: int,
               norm: str, per_sample: bool, shown: Dict[str, Any]) -> Report:
     """Everything after the main solve (runs under no_grad)."""
     B, dev = layout.batch, layout.device
@@ -792,7 +786,7 @@ def _diagnose(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, layout: Sta
             spread = zf + noise * (scale / torch.linalg.vector_norm(noise, dim=1).clamp_min(1e-30)).unsqueeze(1)
             start = torch.where(z0_zero.unsqueeze(1), spread, 0.0) if i == 0 else spread
             try:
-                rsol = solve(f, layout.unpack(start.view_as(z_star)), x, **options, backward="none")
+                rsol = solve_with(f, layout.unpack(start.view_as(z_star)), x, opts.replace(backward=None))
             except Exception as err:   # noqa: BLE001
                 notes.append(f"restart {i} failed ({_short(err)})")
                 continue

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import fpsolve
-import fpsolve._backward as backward_module
+import fpsolve._implicit as backward_module
 from fpsolve import Flag, diagnose
-from fpsolve._backward import check_transforms
+from fpsolve._checks import check_transforms
 from fpsolve._checks import as_float, as_int, usable_start
 from fpsolve.diagnostics import _plain_run
 

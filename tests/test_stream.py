@@ -272,7 +272,7 @@ def test_solve_gathers_each_answer_from_the_pass_that_holds_it(check_every):
 def test_an_accelerator_look_brings_its_numbers_over_in_one_copy():
     """The non-CPU path of a look (one concatenated transfer, then split) gives back the same
     arrays, bool masks included; it is run here on CPU tensors (no accelerator on CI)."""
-    from fpsolve._loop import host_arrays, joined_to_host
+    from fpsolve._rules import host_arrays, joined_to_host
     for dtype in (torch.float32, torch.float64):
         R = torch.rand(4, 7, dtype=dtype)
         F = torch.rand(4, 7, dtype=dtype) + 1

@@ -1,0 +1,45 @@
+"""`Run`: one solve as the loops see it, which a gradient strategy runs (`Run.forward`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Tuple
+
+from torch import Tensor
+
+from ._criteria import PackedCriterion, Residual
+from ._loop import Map, iterate_batch
+from ._sample_loop import SampleLoop
+from ._solution import Solution
+from .solvers._base import Solver
+
+
+@dataclass(frozen=True)
+class Run:
+    """One solve in the loop's layout: the map on packed tensors, its input, the start z0 and
+    f(z0) (the first call, made by `solve`), and how to iterate. A gradient strategy runs it
+    (`forward`), possibly with other settings (a recorded graph, a checkpointed map)."""
+
+    fn: Map
+    z0: Tensor
+    x: Any
+    fz0: Tensor
+    solver: Solver
+    rule: Residual
+    max_iter: int
+    per_sample: bool = True
+    criterion: Optional[PackedCriterion] = None
+    record: bool = False
+    check_every: int = 1
+    round_fn: Optional[Callable[[Tensor], Tensor]] = None
+    path_passes: Tuple[int, ...] = field(default=())
+
+    def forward(self, **changes: Any) -> Solution:
+        """Iterate to a Solution (z in the loop's layout), with some settings changed."""
+        run = replace(self, **changes) if changes else self
+        settings = dict(run.__dict__)
+        if run.per_sample:
+            return SampleLoop(**settings).run()
+        return iterate_batch(settings)
+
+
+__all__ = ["Run"]

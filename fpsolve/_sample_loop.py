@@ -1,0 +1,185 @@
+"""halting="sample": every sample stops at its own pass; stopped rows leave f's batch.
+
+The host looks every `check_every` passes. Between two looks a pass is f, one subtraction
+and two norms: the iterates and norms of the window are kept (references, no copies). At
+the look the window's norms go to the host (one sync), where each sample's first pass that
+met its criterion (or diverged, or spent the budget) is found (`_rules.first_stops`), so
+iteration counts and returned iterates are exact; a sample that stopped inside the window
+only cost the rows of the passes after it. On the device a look gathers the answers of the
+rows that stop (one gather per pass that holds them; nothing is copied while every residual
+keeps falling) and drops those rows from f, x and the solver state (one gather per field).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._criteria import PackedCriterion, Residual
+from ._loop import Kept, Map, Trace, call_f, check_start, done_code, kept_path, make_trace, measurer
+from ._rules import (Finished, assemble, first_stops, floor, host_arrays, index_tensor, limit as divergence_limit,
+                     solution, window_answers)
+from ._solution import Solution
+from ._tree import select_rows
+from .solvers._base import Solver, compact
+
+
+class SampleLoop:
+    """One per-sample solve: the pass loop (`run`) and the host's look (`look`)."""
+
+    def __init__(self, fn: Map, z0: Tensor, x: Any, fz0: Tensor, solver: Solver, rule: Residual, max_iter: int,
+                 per_sample: bool, criterion: Optional[PackedCriterion], record: bool, check_every: int,
+                 round_fn: Optional[Callable[[Tensor], Tensor]], path_passes: Tuple[int, ...]) -> None:
+        self.fn, self.z0, self.x, self.fz0, self.solver, self.rule = fn, z0, x, fz0, solver, rule
+        self.max_iter, self.criterion, self.check_every, self.round_fn = max_iter, criterion, check_every, round_fn
+        self.passes = path_passes
+        self.B, self.dev = z0.shape[0], z0.device
+        self.done_code = done_code(criterion)
+        self.rows_on_device = record or bool(path_passes)   # (the trace and sol.path index by original row)
+        self.trace_rows: Optional[Trace] = [] if record else None
+        self.finished: List[Finished] = []
+        self.idx: Optional[np.ndarray] = None       # original row of each active row (None: all, in order)
+        self.idx_t: Optional[Tensor] = None         # the same on the device, when the trace or path needs it
+        self.best_z: Optional[Tensor] = None        # holds each active row's best iterate before the window,
+        self.best_row: Optional[np.ndarray] = None  # at these rows (None: row i of active row i)
+        self.best_r: Optional[np.ndarray] = None    # (None: no look yet)
+        self.limit: Optional[np.ndarray] = None     # each active row's divergence limit (host)
+        self.n_active = self.B
+        self.xa = x                                 # the active rows' inputs
+        self.cstate: Any = None                     # the criterion's state of the active rows
+
+    def run(self) -> Solution:
+        """Pass after pass until every row has stopped; then the Solution in the original order."""
+        fn, solver, round_fn, passes = self.fn, self.solver, self.round_fn, self.passes
+        measure = measurer(self.rule, self.criterion, self.z0)
+        select_state = getattr(solver, "compact", None) or compact
+        self.cstate = self.criterion.init(self.z0) if self.criterion is not None else None
+        z, fz = self.z0, self.fz0
+        limit_t: Optional[Tensor] = None
+        state = None
+        evaluations = 0
+        kept: Kept = []
+        win_z: List[Tensor] = []   # the window's iterates (references), their residual norms and
+        win_r: List[Tensor] = []   # excess over the tolerance (<= 0: met; or -1/+1 from a criterion)
+        win_e: List[Tensor] = []
+        k = 0
+        while True:
+            if k > 0:
+                fz = call_f(fn, z, self.xa, k, self.n_active, self.B)
+            evaluations += self.n_active
+            if k + 1 in passes:
+                kept.append((k + 1, self.idx_t, z))
+            g, rn, fnorm, excess, self.cstate = measure(z, fz, self.cstate)
+            if self.trace_rows is not None:
+                self.trace_rows.append((self.idx_t, rn))
+            if limit_t is None:
+                limit_t = divergence_limit(rn, fnorm, floor(self.z0[0].numel(), self.rule.norm))
+            win_z.append(z)
+            win_r.append(rn)
+            win_e.append(excess)
+            last = k + 1 >= self.max_iter
+            stay = None
+            if len(win_z) == self.check_every or last or k == 0:   # (a look after the first pass
+                # catches a warm start that is already a fixed point)
+                stay = self.look(win_z, win_r, win_e, limit_t, k, last)
+                if self.n_active == 0:
+                    break
+                win_z, win_r, win_e = [], [], []
+            # The solver steps on the rows it has seen, then the rows that stopped are dropped
+            # from its output (so f(z) and g are never copied).
+            if state is None:
+                state = solver.init(z, fz, g)
+            z, state = solver.step(state, z, fz, g, k)
+            if stay is not None:
+                z = z.index_select(0, stay)
+                state = select_state(state, stay)
+            if round_fn is not None:
+                z = round_fn(z)
+            k += 1
+        z, r, it, status = assemble(self.finished, self.dev)
+        sol = solution(z, r, it, status, evaluations, make_trace(self.trace_rows, it, self.B, self.z0.dtype))
+        if passes:
+            sol.path = kept_path(passes, kept, sol.z, sol.iterations, int(sol.iterations.min()))
+        return sol
+
+    def look(self, win_z: List[Tensor], win_r: List[Tensor], win_e: List[Tensor], limit_t: Tensor, k: int,
+             last: bool) -> Optional[Tensor]:
+        """The host's look at a window: record the rows that stopped, keep each other row's best
+        iterate, and return the rows that stay (None: all of them)."""
+        w = len(win_z)
+        if self.limit is None:
+            R, E, self.limit = host_arrays(torch.stack(win_r), torch.stack(win_e), limit_t)
+            if not np.isfinite(R[0]).all():
+                check_start(self.z0)
+        else:
+            R, E = host_arrays(torch.stack(win_r), torch.stack(win_e))
+        first, codes = first_stops(R, E <= 0, self.limit, w - 1 if last else w, self.done_code)
+        best_r = self.best_r
+        if (codes < 0).all() and (best_r is None or (R[-1] < best_r).all()) and (R[1:] < R[:-1]).all():
+            # quiet: nothing stopped and every residual fell at every pass, so the last
+            # iterate is every row's best (no gather, no copy)
+            self.best_z, self.best_row, self.best_r = win_z[-1], None, R[-1]
+            return None
+        n, cols, best_row = self.n_active, np.arange(self.n_active), self.best_row
+        its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
+        # each row's answer: the pass where its criterion held, else its best up to its stop,
+        # if that beats its best before the window
+        sel, better = window_answers(R, first, codes == self.done_code, best_r)
+        out_r = R[sel, cols] if best_r is None else np.where(better, R[sel, cols], best_r)
+        # Where each row's answer lives: row i of the window's pass src[i], or (src == w) row
+        # best_row[i] of best_z. Rows are gathered only when they leave, or when the rows that
+        # stay no longer share one source (a falling residual is never copied).
+        src = np.where(better, sel, w)
+        sources = win_z + [self.best_z]
+        rows_in = lambda r: r if best_row is None else np.where(src[r] == w, best_row[r], r)  # noqa: E731
+        done = codes >= 0
+        gone = np.flatnonzero(done)
+        for part in _by_source(src, gone):
+            p = int(src[part[0]])
+            whole = part.size == n and (p < w or best_row is None or
+                                        (best_row.size == self.best_z.shape[0] and (best_row == cols).all()))
+            zp = sources[p] if whole else sources[p].index_select(0, index_tensor(rows_in(part), self.dev))
+            self.finished.append(Finished(self.idx if whole else (part if self.idx is None else self.idx[part]), zp,
+                                          out_r[part], its[part], codes[part]))
+        if gone.size == n:
+            self.n_active = 0
+            return None
+        stay_rows = np.flatnonzero(~done) if gone.size else cols
+        parts = _by_source(src, stay_rows)
+        if len(parts) == 1:                 # (one source: keep it, with a row map)
+            p = int(src[stay_rows[0]])
+            self.best_row = rows_in(stay_rows) if p == w else stay_rows
+            self.best_z = sources[p]
+        else:
+            self.best_z = torch.cat([sources[int(src[q[0]])].index_select(0, index_tensor(rows_in(q), self.dev))
+                                     for q in parts])
+            self.best_row = np.empty(stay_rows.size, dtype=np.int64)
+            self.best_row[np.searchsorted(stay_rows, np.concatenate(parts))] = np.arange(stay_rows.size)
+        self.best_r = out_r[stay_rows]
+        if not gone.size:
+            return None
+        stay = index_tensor(stay_rows, self.dev)
+        self.n_active = stay_rows.size
+        self.idx = stay_rows if self.idx is None else self.idx[stay_rows]
+        if self.rows_on_device:
+            self.idx_t = index_tensor(self.idx, self.dev)
+        self.limit = self.limit[stay_rows]
+        self.xa = select_rows(self.xa, stay)
+        if self.cstate is not None:
+            self.cstate = self.criterion.select(self.cstate, stay)
+        return stay
+
+
+def _by_source(src: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
+    """`rows` grouped by their value in `src` (ascending rows within a group)."""
+    if rows.size == 0:
+        return []
+    s = src[rows]
+    if (s == s[0]).all():
+        return [rows]
+    return [rows[s == v] for v in np.flatnonzero(np.bincount(s))]
+
+
+__all__ = ["SampleLoop"]
