@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ._checks import as_float, as_int
 from ._implicit import Implicit
 from ._run import Run
+from ._rules import finite_dead_rows, live_rows
 from ._solution import Solution, Status
 from ._tree import select_rows
 
@@ -145,7 +146,19 @@ class Unroll:
         if self.steps is None:
             fn = run.fn if self.checkpoint is None else _PerCallCheckpoint(run.fn)
             with torch.enable_grad():
-                return run.forward(fn=fn, check_every=1)
+                sol = run.forward(fn=fn, check_every=1)
+                rows = live_rows(sol.status) if run.per_sample else None
+                if rows is not None and rows.numel():
+                    # A diverged row's passes are in the graph (0 * nan reaches shared
+                    # parameters): the live rows are recorded again without it (f treats
+                    # samples independently under halting="sample", so their values agree).
+                    x = select_rows(run.x, rows)
+                    z0 = run.z0.index_select(0, rows)
+                    alone = run.forward(fn=fn, check_every=1, z0=z0, x=x, fz0=fn(z0, x))
+                    sol.z = sol.z.detach().index_copy(0, rows, alone.z)
+                elif rows is not None:
+                    sol.z = sol.z.detach()
+            return sol
         with torch.no_grad():
             sol = run.forward()
         sol.z = phantom_gradient(run.fn, sol.z, sol.status, run.x, self.steps, 1.0, run.per_sample,
@@ -200,6 +213,7 @@ def phantom_gradient(fn: Map, z: Tensor, status: Tensor, x: Any, steps: int, dam
     # passes (else its non-finite f would reach every row at the next pass).
     mask = ok.view((-1,) + (1,) * (z.ndim - 1))
     frozen = z.detach()
+    x = finite_dead_rows(x, status)   # (the frozen rows' f must stay finite: see `live_rows`)
     graph = phantom_steps(lambda zz, xa: torch.where(mask, fn(zz, xa), frozen), z, x, steps, damping, segment)
     return z + torch.where(mask, _finite_delta(graph), torch.zeros_like(graph))
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._checks import as_float, as_int, as_tolerances, check_transforms
 from ._criteria import Residual
+from ._rules import finite_dead_rows, live_rows
 from ._run import Run
 from ._solution import Solution, Status
 from ._tree import select_rows
@@ -114,10 +115,22 @@ class Implicit:
         adjoint = replace(run, solver=solver, rule=rule, max_iter=run.max_iter if self.max_iter is None else self.max_iter,
                           criterion=None, record=False, round_fn=None, path_passes=())
         check_transforms("implicit")
-        zs = sol.z.detach().requires_grad_()
+        # A DIVERGED row must give exactly zero gradient (not 0 * nan): under halting="sample"
+        # the graph of f is built on the live rows alone; under "batch" (f may mix rows) on
+        # the whole batch, with the dead rows' non-finite inputs zeroed.
+        x, rows = run.x, live_rows(sol.status)
+        z_star = sol.z.detach()
+        if rows is not None and run.per_sample:
+            if rows.numel() == 0:
+                sol.z = z_star
+                return sol
+            x, z_star = select_rows(x, rows), z_star.index_select(0, rows)
+        elif rows is not None:
+            x, rows = finite_dead_rows(x, sol.status), None
+        zs = z_star.requires_grad_()
         with torch.enable_grad():
-            out = run.fn(zs, run.x)
-        products = _AdjointRunner(run.fn, run.x, out, zs, adjoint, sol, run.rule)
+            out = run.fn(zs, x)
+        products = _AdjointRunner(run.fn, x, out, zs, replace(adjoint, x=x), sol, run.rule, rows)
         sol.z = _ImplicitFunction.apply(out, sol.z.detach(), products)
         return sol
 
@@ -145,8 +158,9 @@ class _AdjointRunner:
     """
 
     def __init__(self, fn: Callable[[Tensor, Any], Tensor], x: Any, out: Tensor, zs: Tensor, adjoint: Run,
-                 solution: Solution, forward_rule: Residual) -> None:
+                 solution: Solution, forward_rule: Residual, rows: Optional[Tensor] = None) -> None:
         self.fn, self.x, self.out, self.zs = fn, x, out, zs
+        self.rows = rows   # the forward rows in the graph (None: all)
         self.forward_rule = forward_rule   # the forward's residual rule: is z* a fixed point?
         self.adjoint = adjoint       # the adjoint's Run template: solver, rule, budget, halting
         self.solution = solution     # the forward Solution, to receive `adjoint`
@@ -173,12 +187,13 @@ class _AdjointRunner:
         sol, rule = self.solution, self.forward_rule
         with torch.no_grad():
             held = rule.holds(self.zs.detach(), self.out.detach())
-            off = ~held & (sol.status != int(Status.DIVERGED))   # (DIVERGED rows are reported as such)
+            status = sol.status if self.rows is None else sol.status.index_select(0, self.rows)
+            off = ~held & (status != int(Status.DIVERGED))   # (DIVERGED rows are reported as such)
         n = int(off.sum())
         if n:
             warnings.warn(
                 f"backward='implicit' differentiates through a fixed point, but {n} of {off.numel()} "
-                f"samples are not at one (status {sol.status[off].tolist()[:8]}: budget spent or halted "
+                f"samples are not at one (status {status[off].tolist()[:8]}: budget spent or halted "
                 f"by a read-out criterion); their gradients are approximate. Raise max_iter, or use "
                 f"backward='unroll' / fpsolve.Phantom(...) to differentiate the passes actually run.",
                 ConvergenceWarning,
@@ -269,6 +284,8 @@ class _ImplicitFunction(torch.autograd.Function):
             )
         runner: _AdjointRunner = ctx.runner
         runner.warn_if_not_fixed_points()
+        if runner.rows is not None:   # (a diverged row's gradient is zero: it is not in the graph)
+            grad = grad.index_select(0, runner.rows)
         u, adjoint = runner.solve(grad)
         runner.solution.adjoint = adjoint
         bad = ~adjoint.converged

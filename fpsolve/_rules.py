@@ -122,6 +122,36 @@ def rounding(dtype: torch.dtype, work_dtype: torch.dtype) -> Optional[Callable[[
     return lambda t: t.to(dtype).to(t.dtype)
 
 
+# --- dead rows in a gradient graph -----------------------------------------------------------
+
+def live_rows(status: Tensor) -> Optional[Tensor]:
+    """The indices of the rows that did not diverge, or None when every row is live.
+
+    A DIVERGED row must contribute exactly zero to every gradient: in a graph of f, even a zero
+    upstream gradient meets its non-finite values as 0 * nan = nan in the parameters' sums.
+    """
+    dead = status == DIVERGED_CODE
+    if not bool(dead.any()):
+        return None
+    return (~dead).nonzero().squeeze(1)
+
+
+def finite_dead_rows(x: Any, status: Tensor) -> Any:
+    """x with the non-finite entries of DIVERGED rows replaced by 0 (for a graph of f over the
+    whole batch, under halting="batch": those rows' outputs are masked out, and must then
+    meet only finite numbers in backward)."""
+    from ._tree import map_tensors   # (a leaf module; imported here to keep this one's imports flat)
+    dead = status == DIVERGED_CODE
+
+    def clean(t: Tensor) -> Tensor:
+        if not t.is_floating_point() or t.ndim == 0 or t.shape[0] != dead.shape[0]:
+            return t
+        bad = dead.view((-1,) + (1,) * (t.ndim - 1)) & ~torch.isfinite(t)
+        return torch.where(bad, torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+    return map_tensors(clean, x)
+
+
 # --- finished rows and the Solution ---------------------------------------------------------
 
 class Finished:
