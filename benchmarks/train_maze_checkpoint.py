@@ -1,6 +1,6 @@
 """Train the small looped maze model that the maze stream of benchmarks/stream.py runs.
 
-The halting study's recipe (examples/halting_study.py, `train_trunk`, "difficulty" recipe, QUICK
+The halting study's recipe (examples/halting/training.py, `train_trunk`, "difficulty" recipe, QUICK
 sizes): 8x8 mazes with BFS depth <= 12, seed 0, one torch thread, deterministic. Then, as the
 study does, the fixed-point rule's tolerance (norm "inf") is chosen on fresh validation mazes of
 both sizes: the largest rtol whose accuracy is within 0.5 point of plain iteration for
@@ -27,7 +27,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import fpsolve  # noqa: E402
-from halting_study import QUICK, as_tensors, plain_run, step_rule, train_trunk  # noqa: E402
+from halting.rules import plain_run, step_rule  # noqa: E402
+from halting.task import QUICK, as_tensors  # noqa: E402
+from halting.training import train_trunk  # noqa: E402
 from maze import MazeLoop, Mazes, generate  # noqa: E402
 
 CHECKPOINT = os.path.join(HERE, "data", "maze_loop.pt")
