@@ -186,6 +186,11 @@ def test_deep_supervision_loss_by_hand(model):
     assert float(loss) == pytest.approx(np.mean(per_sample), rel=1e-6)
 
 
+def test_hierarchical_trains_with_the_same_loss():
+    import hierarchical
+    assert hierarchical.deep_supervision_loss is supervision.deep_supervision_loss
+
+
 def test_train_only_halt_head_sees_only_the_training_distribution(monkeypatch, one_thread):
     """act_train_only's pool holds 8x8 mazes with d <= 12 only (as TRM/HRM train their head);
     today's act pool holds 16x16 mazes and harder ones too."""

@@ -17,7 +17,7 @@ check, and (full run) the ablations.
 
 Modules:
   task         sizes, difficulty buckets, the QUICK and FULL configurations, recipes, ablations
-  supervision  the deep-supervision loss
+  supervision  the deep-supervision loss (also used by examples/hierarchical.py)
   training     the trunk, the ACT halt head (`ActHead`) and its training
   rules        the plain run and every halting rule (through fpsolve's criteria where one fits)
   metrics      per-rule measures and diagnose summaries

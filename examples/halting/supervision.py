@@ -1,5 +1,5 @@
-"""The deep-supervision loss of a looped model, used by the halting study's trunk training
-(`halting.training.train_trunk`).
+"""The deep-supervision loss of a looped model, shared by the halting study's trunk training
+(`halting.training.train_trunk`) and examples/hierarchical.py.
 
 Unrolled gradients (backpropagation through every pass, what `fpsolve.Unroll(steps=None)`
 computes for plain iteration) written as a loop, because the loss reads every pass. Per
