@@ -47,15 +47,10 @@ def load(path: str = CHECKPOINT) -> Tuple[MazeLoop, Dict[str, Any]]:
     return model.eval(), {k: v for k, v in ck.items() if k != "state_dict"}
 
 
-def _no_head(z: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
-    """Stand-in for the ACT head that `plain_run` also records (not used here)."""
-    return torch.zeros(z.shape[0])
-
-
 def choose_rtol(model: MazeLoop, val: Dict[int, Mazes]) -> float:
     """The study's selection for fixed_point (inf): the loosest rtol whose validation accuracy
     is within 0.5 point of plain iteration after MAX_PASSES passes."""
-    runs = [plain_run(model, _no_head, *as_tensors(m)[:2], MAX_PASSES) for m in val.values()]
+    runs = [plain_run(model, {}, *as_tensors(m)[:2], MAX_PASSES) for m in val.values()]   # no halt heads
     target = float(torch.cat([r.correct[-1] for r in runs]).float().mean()) - 0.005
     for rtol in RTOLS:
         acc = torch.cat([step_rule(r, rtol, "inf").correct for r in runs]).float().mean()

@@ -127,7 +127,8 @@ def test_replayed_step_rule_matches_fpsolve_iterations(one_thread):
 
 def test_act_rule_is_fpsolve_haltheads_check_at_every_pass(one_thread):
     """act_rule replays fpsolve.HaltHead on the logits the plain run recorded: the same halts as
-    the criterion's own check on the states, pass by pass."""
+    the criterion's own check on the states, pass by pass; and a run without heads (as
+    benchmarks/train_maze_checkpoint.py makes) has the same steps."""
     torch.manual_seed(0)
     model = MazeLoop(16, 2).eval()
     cells, labels, _ = task.as_tensors(generate(12, 8, np.random.default_rng(1), max_difficulty=12))
@@ -148,6 +149,9 @@ def test_act_rule_is_fpsolve_haltheads_check_at_every_pass(one_thread):
     halts = rules.act_rule(run, tau)
     assert halts.passes.tolist() == expect.tolist() and halts.settled.tolist() == fired.any(0).tolist()
     assert 0 < int(fired.sum()) < fired.numel()
+    bare = rules.plain_run(model, {}, cells, labels, 15)
+    assert bare.halt_logit == {} and torch.equal(bare.step["inf"], run.step["inf"])
+    assert torch.equal(bare.correct, run.correct)
 
 
 class _Moving:

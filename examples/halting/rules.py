@@ -56,7 +56,7 @@ def _run_chunk(model: MazeLoop, heads: Dict[str, ActHead], cells: Tensor, labels
         z = torch.zeros_like(x[0])
 
         def logits(z: Tensor) -> Tensor:
-            return torch.stack([h(z, open_) for h in heads.values()])
+            return torch.stack([h(z, open_) for h in heads.values()]) if heads else z.new_zeros(0, z.shape[0])
 
         preds, logs, steps, scales = [model.predict(z, x[1])], [logits(z)], [], []
         for _ in range(T):
@@ -74,7 +74,8 @@ def _run_chunk(model: MazeLoop, heads: Dict[str, ActHead], cells: Tensor, labels
 
 def plain_run(model: MazeLoop, heads: Dict[str, ActHead], cells: Tensor, labels: Tensor, T: int,
               chunk: int = 128) -> PlainRun:
-    """Plain iteration with every halt head read at every pass (one run serves every rule)."""
+    """Plain iteration with every halt head read at every pass (one run serves every rule;
+    `heads` may be empty)."""
     parts = [_run_chunk(model, heads, cells[s:s + chunk], labels[s:s + chunk], T)
              for s in range(0, cells.shape[0], chunk)]
 
