@@ -1,6 +1,6 @@
 """Train the small looped maze model that the maze stream of benchmarks/stream.py runs.
 
-The halting study's recipe (examples/halting_study.py, `train_trunk`, "difficulty" recipe, QUICK
+The halting study's recipe (examples/halting/training.py, `train_trunk`, "difficulty" recipe, QUICK
 sizes): 8x8 mazes with BFS depth <= 12, seed 0, one torch thread, deterministic. Then, as the
 study does, the fixed-point rule's tolerance (norm "inf") is chosen on fresh validation mazes of
 both sizes: the largest rtol whose accuracy is within 0.5 point of plain iteration for
@@ -27,7 +27,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import fpsolve  # noqa: E402
-from halting_study import QUICK, as_tensors, plain_run, step_rule, train_trunk  # noqa: E402
+from halting.rules import plain_run, step_rule  # noqa: E402
+from halting.task import QUICK, as_tensors  # noqa: E402
+from halting.training import train_trunk  # noqa: E402
 from maze import MazeLoop, Mazes, generate  # noqa: E402
 
 CHECKPOINT = os.path.join(HERE, "data", "maze_loop.pt")
@@ -45,15 +47,10 @@ def load(path: str = CHECKPOINT) -> Tuple[MazeLoop, Dict[str, Any]]:
     return model.eval(), {k: v for k, v in ck.items() if k != "state_dict"}
 
 
-def _no_head(z: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
-    """Stand-in for the ACT head that `plain_run` also records (not used here)."""
-    return torch.zeros(z.shape[0])
-
-
 def choose_rtol(model: MazeLoop, val: Dict[int, Mazes]) -> float:
     """The study's selection for fixed_point (inf): the loosest rtol whose validation accuracy
     is within 0.5 point of plain iteration after MAX_PASSES passes."""
-    runs = [plain_run(model, _no_head, *as_tensors(m)[:2], MAX_PASSES) for m in val.values()]
+    runs = [plain_run(model, {}, *as_tensors(m)[:2], MAX_PASSES) for m in val.values()]   # no halt heads
     target = float(torch.cat([r.correct[-1] for r in runs]).float().mean()) - 0.005
     for rtol in RTOLS:
         acc = torch.cat([step_rule(r, rtol, "inf").correct for r in runs]).float().mean()

@@ -37,11 +37,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fpsolve  # noqa: E402
 from maze import MazeLoop, Mazes, consistent, generate, neighbour_mask  # noqa: E402
+from halting.supervision import deep_supervision_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_MAX_DIFFICULTY = 12
@@ -137,18 +137,14 @@ def as_tensors(m: Mazes) -> Tuple[Tensor, Tensor, Tensor]:
             torch.as_tensor(m.difficulty))
 
 
-def flat_state(z: Any) -> Tensor:
-    """[B, L, D·levels]: the levels side by side, per cell."""
-    return torch.cat(z, -1) if isinstance(z, tuple) else z
-
-
 # ---------------------------------------------------------------------------------------
 # training (the halting study's "difficulty" recipe)
 # ---------------------------------------------------------------------------------------
 
 def train(model: nn.Module, cfg: Config, bar: Optional[Any] = None) -> List[float]:
     """Unrolled through every pass; deep supervision from the first pass at which the answer
-    can be known, a penalty on the relative step after it. Same seed, same batches."""
+    can be known, a penalty on the relative step after it (the halting study's loss,
+    `halting.supervision.deep_supervision_loss`). Same seed, same batches."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(1000 + cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -161,18 +157,7 @@ def train(model: nn.Module, cfg: Config, bar: Optional[Any] = None) -> List[floa
         open_ = (cells.flatten(1) > 0).float()
         first = torch.div(d + model.low_steps - 1, model.low_steps, rounding_mode="floor").clamp_min(1)
         T = int(first.max()) + int(rng.integers(2, 6))
-        z = model.start(x)
-        ce = settle = torch.zeros(cfg.batch)
-        for t in range(1, T + 1):
-            z_new = model(z, x)
-            bce = F.binary_cross_entropy_with_logits(model.logits(z_new), labels.float(), reduction="none")
-            ce = ce + (t >= first).float() * (bce * open_).sum(1) / open_.sum(1)
-            if t >= 2:
-                new, old = flat_state(z_new), flat_state(z)
-                step_sq = (new - old).pow(2).sum(-1) / new.pow(2).sum(-1).clamp_min(1e-6)
-                settle = settle + (t > first).float() * (step_sq * open_).sum(1) / open_.sum(1)
-            z = z_new
-        loss = ((ce + cfg.settle_weight * settle) / (T + 1 - first).float()).mean()
+        loss = deep_supervision_loss(model, model.start(x), x, labels, open_, first, first, T, cfg.settle_weight)
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
