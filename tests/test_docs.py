@@ -25,6 +25,7 @@ import math
 import os
 import re
 import subprocess
+import tempfile
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,13 @@ print("\n@@RESULTS@@" + json.dumps(results))
 
 def run_page(blocks: list[Block]) -> list[dict]:
     """Run the page's blocks in order in one fresh process; per block its output or error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONHASHSEED="0")
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER], input=json.dumps([b.code for b in blocks]),
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONHASHSEED="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory() as tmp:   # (a block that writes a file writes it there, never
+        proc = subprocess.run(                   # into the work tree)
+            [sys.executable, "-c", _RUNNER], input=json.dumps([b.code for b in blocks]),
+            capture_output=True, text=True, cwd=tmp, env=env, timeout=300,
+        )
     assert "@@RESULTS@@" in proc.stdout, f"the page runner crashed:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.rsplit("@@RESULTS@@", 1)[1])
 
