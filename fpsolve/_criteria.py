@@ -114,10 +114,14 @@ def _check_readout(owner: str, readout: Any) -> None:
 
 def _logits(owner: str, readout: Callable[[Any], Tensor], z: Any, batch: int) -> Tensor:
     out = readout(z)
-    if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != batch:
+    if not isinstance(out, Tensor) or out.ndim < 2 or out.shape[0] != batch or out.shape[-1] < 2:
         got = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
-        raise ValueError(f"{owner}: readout(z) must return a tensor [B, ..., C] with B = {batch}; got {got}.")
-    return out if out.ndim > 1 else out.unsqueeze(1)
+        raise ValueError(f"{owner}: readout(z) must return logits [B, ..., C] with B = {batch} and C >= 2 "
+                         f"classes; got {got}. (With one class the answer never changes; a scalar halting "
+                         f"score per sample belongs to fpsolve.HaltHead.)")
+    if not out.is_floating_point():
+        raise TypeError(f"{owner}: readout(z) must return floating logits; got {out.dtype}.")
+    return out
 
 
 @dataclass(frozen=True)
@@ -263,7 +267,10 @@ class OutputKL:
         logp = torch.log_softmax(logits.float(), dim=-1).reshape(seen.shape[0], -1, logits.shape[-1])
         if prev is None:
             prev = logp
-        kl = (logp.exp() * (logp - prev)).sum(dim=-1).amax(dim=1)
+        p = logp.exp()
+        # (a class masked to -inf in both passes has p = 0 and contributes 0, not 0 * nan)
+        kl = torch.where(p > 0, p * (logp - prev), torch.zeros((), dtype=p.dtype, device=p.device))
+        kl = kl.sum(dim=-1).amax(dim=1)
         return seen & (kl <= self.tol), (torch.ones_like(seen), logp)
 
     @staticmethod
@@ -340,9 +347,12 @@ class HaltHead:
         """
         logit = self.head(z)
         b = tensors_in(z)[0].shape[0]
-        if not isinstance(logit, Tensor) or logit.shape[0] != b or logit[0].numel() != 1:
+        if not isinstance(logit, Tensor) or logit.ndim == 0 or logit.shape[0] != b or logit[0].numel() != 1:
             got = type(logit).__name__ if not isinstance(logit, Tensor) else f"shape {tuple(logit.shape)}"
             raise ValueError(f"HaltHead: head(z) must return one logit per sample ([B] or [B, 1]); got {got}.")
+        if not logit.is_floating_point():
+            raise TypeError(f"HaltHead: head(z) must return a floating logit per sample (sigmoid(logit) >= "
+                            f"threshold halts); got {logit.dtype}, which would halt every sample at once.")
         return torch.sigmoid(logit.reshape(b).float()) >= self.threshold, ()
 
     @staticmethod
@@ -401,6 +411,11 @@ class PackedCriterion:
 
     def __call__(self, z: Tensor, fz: Tensor, state: Any) -> Tuple[Tensor, Any]:
         mask, state = self.criterion.check(self.unpack(z), self.unpack(fz), state)
+        if not isinstance(mask, Tensor) or mask.shape != (z.shape[0],) or not (
+                mask.dtype == torch.bool or not mask.is_floating_point()):
+            got = f"shape {tuple(mask.shape)}, dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"criterion {self.criterion!r}: check() must return a bool tensor [B] with "
+                             f"B = {z.shape[0]} (one verdict per sample); got {got}.")
         return mask.to(device=z.device, dtype=torch.bool), state
 
     def reset(self, state: Any, fresh: Tensor) -> Any:

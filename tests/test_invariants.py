@@ -230,7 +230,9 @@ def options(draw, case: Case, halting: str) -> dict:
     if which == "residual":
         opts["criterion"] = fpsolve.Residual(atol=atol, rtol=rtol, norm=norm)
     elif which == "stable":
-        opts["criterion"] = fpsolve.Stable(lambda z: lead(z).flatten(1), patience=draw(st.integers(1, 3)))
+        # (two classes per position, the sign of each entry: a readout needs C >= 2, issue 19 item 4)
+        opts["criterion"] = fpsolve.Stable(lambda z: torch.stack((lead(z).flatten(1), -lead(z).flatten(1)), -1),
+                                           patience=draw(st.integers(1, 3)))
     elif which == "halthead":
         t = draw(st.floats(-3.0, 3.0))
         opts["criterion"] = fpsolve.HaltHead(lambda z: 4.0 * (lead(z).flatten(1).float().sum(1) - t),
@@ -557,7 +559,7 @@ def test_unroll_through_steps_at_an_exact_fixed_point_has_finite_gradients(solve
     x = torch.tensor([[-140.0], [40.0]], dtype=torch.float64)       # tanh saturates: f(z) = ±1 exactly
     f = lambda z, x: torch.tanh(0.98 * z + c * x)  # noqa: E731
     sol = fpsolve.solve(f, torch.zeros(2, 1, dtype=torch.float64), x, solver=solver, max_iter=4, backward="unroll",
-                        criterion=fpsolve.Stable(lambda z: z, patience=3))
+                        criterion=fpsolve.Stable(lambda z: torch.cat((z, -z), 1), patience=3))
     sol.z.sum().backward()
     assert torch.isfinite(c.grad), c.grad                              # fixed_point gives 0
 
