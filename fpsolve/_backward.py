@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._checks import as_float, as_int
+from ._replay import same_map
 from ._implicit import Implicit
 from ._run import Run
 from ._rules import finite_dead_rows, live_rows
@@ -235,7 +235,7 @@ def phantom_steps(fn: Map, z: Tensor, x: Any, steps: int, damping: float, segmen
         for start in range(0, steps, segment):
             n = min(segment, steps - start)
             z = _checkpoint(_passes, fn, z, x, n, damping, use_reentrant=False,
-                            context_fn=_same_parametrizations)
+                            context_fn=same_map)
     return z
 
 
@@ -255,52 +255,8 @@ class _PerCallCheckpoint:
 
     def __call__(self, z: Tensor, x: Any) -> Tensor:
         if torch.is_grad_enabled():
-            return _checkpoint(self.fn, z, x, use_reentrant=False, context_fn=_same_parametrizations)
+            return _checkpoint(self.fn, z, x, use_reentrant=False, context_fn=same_map)
         return self.fn(z, x)
-
-
-def _same_parametrizations() -> "tuple[_CacheNote, _CacheReplay]":
-    """Checkpoint contexts that replay f with the parametrization cache it ran with.
-
-    `DEQ` computes parametrized weights (spectral_norm, ...) once per forward under
-    `parametrize.cached()`; backward runs after that context is closed, so the recomputation
-    would compute them again (and a power iteration would move on): f would be another map.
-    The forward context notes the cache at entry; every recomputation runs with that cache.
-    """
-    note = _CacheNote()
-    return note, _CacheReplay(note)
-
-
-class _CacheNote:
-    """Forward context: notes torch's parametrization cache, if it is on (the module globals
-    `_cache_enabled` and `_cache` of torch.nn.utils.parametrize, read defensively: private)."""
-
-    cache: Optional[dict] = None
-
-    def __enter__(self) -> None:
-        if getattr(parametrize, "_cache_enabled", 0) and isinstance(getattr(parametrize, "_cache", None), dict):
-            self.cache = dict(parametrize._cache)
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class _CacheReplay:
-    """Recomputation context (entered once per backward): the noted cache, switched on."""
-
-    def __init__(self, note: _CacheNote) -> None:
-        self.note, self.before = note, None
-
-    def __enter__(self) -> None:
-        if self.note.cache is not None:
-            self.before = parametrize._cache_enabled, parametrize._cache
-            parametrize._cache_enabled, parametrize._cache = self.before[0] + 1, dict(self.note.cache)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.before is not None:
-            parametrize._cache_enabled, parametrize._cache = self.before
-            self.before = None
-
 
 
 __all__ = ["Implicit", "Phantom", "Unroll", "Backward", "make_backward", "phantom_gradient", "phantom_steps"]

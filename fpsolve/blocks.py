@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_float, as_int
+from ._replay import RECORDING, REPLAYING
 
 
 class LoopedTransformerBlock(nn.Module):
@@ -174,8 +175,12 @@ class SharedDropout(nn.Module):
         """
         if not self.training or self.p == 0.0:
             return z
+        if REPLAYING and self in REPLAYING[-1]:   # (a checkpoint recomputation: the forward's mask)
+            return z * REPLAYING[-1][self].to(z.dtype)
         shape = (1,) + tuple(z.shape[1:])
         if self.mask is None or tuple(self.mask.shape) != shape or self.mask.device != z.device:
             keep = torch.rand(shape, device=z.device) >= self.p
             self.mask = keep.to(z.dtype) / (1.0 - self.p)
+        if RECORDING:
+            RECORDING[-1][self] = self.mask
         return z * self.mask.to(z.dtype)

@@ -124,3 +124,21 @@ def test_item8_diagnose_judges_with_the_criterions_own_tolerance_and_norm():
                               criterion=fpsolve.Residual(rtol=1e-12, norm="inf"), restarts=0)
     assert report.options["rtol"] == 1e-12 and report.options["norm"] == "inf"
     assert (report.solution.residual <= 1e-12 * 4).all()
+
+
+@pytest.mark.parametrize("steps, every", [(4, 2), (None, 3)])
+def test_item3_checkpointed_unroll_recomputes_with_the_forwards_dropout_mask(steps, every):
+    """A DEQ with SharedDropout called twice before backward: the recomputation of the first
+    call's checkpointed passes uses that call's mask, not the one the module holds by then."""
+    def grads(checkpoint):
+        torch.manual_seed(0)
+        block = fpsolve.LoopedTransformerBlock(16, heads=2, dropout=0.3).double()
+        layer = fpsolve.DEQ(block, backward=fpsolve.Unroll(steps=steps, checkpoint=checkpoint), max_iter=8)
+        x1, x2 = torch.randn(2, 3, 5, 16, dtype=F64)
+        z1, _ = layer(x1)
+        layer(x2)                                   # a second forward draws new masks
+        z1.pow(2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in layer.parameters() if p.grad is not None])
+
+    plain, checkpointed = grads(None), grads(every)
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-10, atol=1e-12)
