@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._criteria import PackedCriterion, Residual
-from ._rules import check_step, constant, floor, limit as divergence_limit, solution
+from ._rules import check_step, check_untouched, constant, floor, limit as divergence_limit, solution, version
 from ._solution import Solution, Status
 from .solvers._base import Solver
 
@@ -30,6 +30,7 @@ Kept = List[Tuple[int, Optional[Tensor], Tensor]]  # (pass, original rows or Non
 
 def call_f(fn: Map, z: Tensor, xa: Any, k: int, n_active: int, B: int) -> Tensor:
     """One evaluation of f after the first; f's own exceptions reach the caller unchanged."""
+    before = version(z)
     try:
         fz = fn(z, xa)
     except Exception as err:
@@ -42,6 +43,7 @@ def call_f(fn: Map, z: Tensor, xa: Any, k: int, n_active: int, B: int) -> Tensor
         raise
     hint = ("" if n_active == B else " With halting='sample' f receives only the rows still "
             "active, so it must treat samples independently; use halting='batch' if it mixes them.")
+    check_untouched((before,), (z,))
     return check_step(fz, z, f"at iteration {k + 1}", hint)
 
 

@@ -114,6 +114,26 @@ def check_step(fz: Any, z: Tensor, where: str, hint: str = "") -> Tensor:
     return fz
 
 
+def version(t: Any) -> int:
+    """A tensor's version counter (bumped by every in-place write), or -1 where none is kept
+    (inference-mode tensors)."""
+    try:
+        return t._version
+    except (RuntimeError, AttributeError):
+        return -1
+
+
+def check_untouched(before: Sequence[int], z: Sequence[Any]) -> None:
+    """A clear error when f wrote into its input (an in-place op on z): the loop keeps earlier
+    iterates by reference, so such an f would corrupt them and every status after."""
+    if any(b != -1 and version(t) != b for b, t in zip(before, z)):
+        raise ValueError(
+            "f modified its input z in place (e.g. nn.ReLU(inplace=True) or z.add_(...) applied to "
+            "z): fpsolve keeps earlier iterates by reference, so f must leave z unchanged. Use the "
+            "out-of-place op (inplace=False), or clone z at the top of f."
+        )
+
+
 def rounding(dtype: torch.dtype, work_dtype: torch.dtype) -> Optional[Callable[[Tensor], Tensor]]:
     """For a float16/bfloat16 state solved in float32: each new iterate rounded to the user's
     precision (so statuses hold at the returned values); None otherwise."""

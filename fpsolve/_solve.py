@@ -15,7 +15,7 @@ from ._checks import check_transforms, usable_start
 from ._correction import attach as attach_corrections
 from ._criteria import PackedCriterion
 from ._options import SOLVE_DEFAULTS, Options
-from ._rules import rounding
+from ._rules import check_untouched, rounding, version
 from ._run import Run
 from ._solution import Solution
 from ._tree import StateLayout, check_x, tensors_in
@@ -123,9 +123,12 @@ def solve_with(f: Callable[..., Any], z0: Any, x: Any, opts: Options) -> Solutio
         z_start = z_start.detach()
     grad_mode = torch.is_grad_enabled() and opts.backward is not None
     z0_start = layout.unpack(z_start) if layout.container is not None else z0.detach()
+    inputs = tensors_in(z0_start)
+    before = [version(t) for t in inputs]
     try:
         with torch.set_grad_enabled(grad_mode):
             first = f(z0_start, x) if x is not None else f(z0_start)
+        check_untouched(before, inputs)
         layout.check_output(first)
     except Exception as err:
         try:   # mark it as raised by the first call (DEQ explains it); never mask the error

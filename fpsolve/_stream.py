@@ -27,8 +27,8 @@ from torch import Tensor
 from ._checks import as_bool, as_int
 from ._criteria import PackedCriterion
 from ._options import STREAM_DEFAULTS, Options
-from ._rules import (NUMPY, Finished, assemble, check_step, first_stops, floor as state_floor, host_arrays,
-                     index_tensor, limit_np, rounding, sample_norm, solution, window_answers)
+from ._rules import (NUMPY, Finished, assemble, check_step, check_untouched, first_stops, floor as state_floor,
+                     host_arrays, index_tensor, limit_np, rounding, sample_norm, solution, version, window_answers)
 from ._solution import Solution, Status
 from ._tree import StateLayout, align, leaves, map_tensors, rebuild, tensors_in
 from .solvers.fixed_point import FixedPointIteration
@@ -296,7 +296,9 @@ def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: A
         ks = torch.from_numpy(st.age + st.steps).to(dev).unbind(0) if needs_k else range(K)
         ring = rz[parity]
         for p in range(K):
+            before = version(z)
             fz = check_step(fn(z, x_slots), z, "in stream", hint)
+            check_untouched((before,), (z,))
             if lazy:
                 ring[p].copy_(z)
                 g = None

@@ -142,3 +142,20 @@ def test_item3_checkpointed_unroll_recomputes_with_the_forwards_dropout_mask(ste
 
     plain, checkpointed = grads(None), grads(every)
     torch.testing.assert_close(checkpointed, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_item9_an_f_that_writes_into_its_input_is_a_clear_error():
+    relu = torch.nn.ReLU(inplace=True)
+    f = lambda z, x: 0.5 * relu(z) + x  # noqa: E731
+    x = torch.randn(4, 3)
+    for halting in ("sample", "batch"):
+        for solver in ("fixed_point", "anderson"):
+            with pytest.raises(ValueError, match="in place"):
+                fpsolve.solve(f, torch.randn(4, 3), x, halting=halting, solver=solver)
+    with pytest.raises(ValueError, match="in place"):   # a write at a later pass only
+        fpsolve.solve(lambda z, x: 0.5 * (z.clamp_(max=10) if z.abs().sum() > 0 else z) + x, torch.zeros(4, 3), x)
+    for solver in ("fixed_point", "anderson"):
+        with pytest.raises(ValueError, match="in place"):
+            list(fpsolve.stream(f, [x], slots=2, solver=solver))
+    z0 = torch.randn(4, 3)                              # an out-of-place f is untouched
+    assert fpsolve.solve(lambda z, x: 0.5 * torch.relu(z) + x, z0, x.abs()).converged.all()
