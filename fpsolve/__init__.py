@@ -3,7 +3,7 @@
 Everything public is imported here; the modules behind it are private.
 """
 from ._correction import Correction
-from ._criteria import HaltHead, OutputKL, Residual, Stable
+from ._criteria import Depth, HaltHead, OutputKL, Residual, Stable
 from ._backward import Implicit, Phantom, Unroll
 from ._implicit import ConvergenceWarning
 from ._deq import DEQ, jacobian_penalty
@@ -32,6 +32,7 @@ __all__ = [
     "Stable",
     "OutputKL",
     "HaltHead",
+    "Depth",
     "Implicit",
     "Phantom",
     "Unroll",

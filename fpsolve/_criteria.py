@@ -6,6 +6,10 @@ small batch-first state (the previous readout, a patience counter). `Residual` i
 rule and is handled by the loop's own arithmetic (no call per pass); any other criterion's
 halts are reported as `Status.HALTED`. States are tuples of batch-first tensors, so the loop
 can drop halted rows (`index_select`) and the stream can restart a refilled row (`reset`).
+
+A criterion other than `Residual` judges the newest state, f's latest output f(z), and a
+sample it halts returns that state: the halt costs no pass beyond the one that produced it.
+`sol.residual` of such a sample is the size of that last step, ||f(z) - z||.
 """
 from __future__ import annotations
 
@@ -184,7 +188,7 @@ class Stable:
             bool `[b]` ("halt here") and the new state.
         """
         seen, count, prev = state
-        cls = _logits("Stable", self.readout, z, seen.shape[0]).argmax(dim=-1).reshape(seen.shape[0], -1)
+        cls = _logits("Stable", self.readout, fz, seen.shape[0]).argmax(dim=-1).reshape(seen.shape[0], -1)
         if prev is None:
             prev = cls
         same = seen & (cls == prev).all(dim=1)
@@ -263,7 +267,7 @@ class OutputKL:
             bool `[b]` ("halt here") and the new state.
         """
         seen, prev = state
-        logits = _logits("OutputKL", self.readout, z, seen.shape[0])
+        logits = _logits("OutputKL", self.readout, fz, seen.shape[0])
         logp = torch.log_softmax(logits.float(), dim=-1).reshape(seen.shape[0], -1, logits.shape[-1])
         if prev is None:
             prev = logp
@@ -345,8 +349,8 @@ class HaltHead:
         Returns:
             bool `[b]` ("halt here") and the new state.
         """
-        logit = self.head(z)
-        b = tensors_in(z)[0].shape[0]
+        logit = self.head(fz)
+        b = tensors_in(fz)[0].shape[0]
         if not isinstance(logit, Tensor) or logit.ndim == 0 or logit.shape[0] != b or logit[0].numel() != 1:
             got = type(logit).__name__ if not isinstance(logit, Tensor) else f"shape {tuple(logit.shape)}"
             raise ValueError(f"HaltHead: head(z) must return one logit per sample ([B] or [B, 1]); got {got}.")
@@ -367,6 +371,79 @@ class HaltHead:
             The state, with the `fresh` rows starting afresh.
         """
         return state
+
+
+@dataclass(frozen=True)
+class Depth:
+    """Fixed depth: every sample halts after exactly `passes` evaluations of f, as a looped model runs.
+
+    The sample's answer is f's last output z_K; with plain iteration (the solver `Depth`
+    runs with unless a solver object is passed) that is f^K(z0), what a looped network with K
+    passes returns. Samples are `HALTED` (never `CONVERGED`); a non-finite or blown-up sample is
+    still `DIVERGED`. `sol.residual` is the size of the last step, ||z_K - z_(K-1)||. Under
+    `Unroll(steps=k)` or `Phantom(steps=k)` the last k of the K passes are recorded (the first
+    K - k run without autograd) and the value stays z_K.
+
+    Args:
+        passes: K, the evaluations of f every sample receives (an integer >= 1, at most max_iter).
+
+    Raises:
+        TypeError: `passes` not an integer.
+        ValueError: `passes` < 1 (and, in a solve, `passes` > max_iter).
+
+    Example:
+        ```python
+        sol = fpsolve.solve(lambda z: z + 1, torch.zeros(3, 1), criterion=fpsolve.Depth(5))
+        assert sol.z.flatten().tolist() == [5.0, 5.0, 5.0] and sol.iterations.tolist() == [5, 5, 5]
+        ```
+    """
+
+    passes: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passes", as_int("Depth(passes=...)", self.passes))
+
+    def init(self, z: Any, batch: int, device: torch.device) -> CriterionState:
+        """A fresh count of evaluations: 0 per row.
+
+        Args:
+            z: The first iterate, in the user's structure.
+            batch: The number of rows.
+            device: The state's device.
+
+        Returns:
+            A tuple holding the per-row count.
+        """
+        return (torch.zeros(batch, dtype=torch.int64, device=device),)
+
+    def check(self, z: Any, fz: Any, state: Any) -> Tuple[Tensor, CriterionState]:
+        """Whether each row has now had `passes` evaluations of f.
+
+        Args:
+            z: The current iterate, in the user's structure.
+            fz: f(z), in the same structure (the newest state).
+            state: The state from `init` or the previous `check`.
+
+        Returns:
+            bool `[b]` ("halt here") and the new state.
+        """
+        (count,) = state
+        count = count + 1
+        return count >= self.passes, (count,)
+
+    @staticmethod
+    def reset(state: Any, fresh: Tensor) -> CriterionState:
+        """Start the `fresh` rows' counts again (a refilled `stream` slot).
+
+        Args:
+            state: The criterion state of the rows in flight.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, with the `fresh` rows' counts at 0.
+        """
+        (count,) = state
+        return (torch.where(fresh, torch.zeros_like(count), count),)
 
 
 Criterion = Any   # Residual | Stable | OutputKL | HaltHead (or an object with init/check/reset)
@@ -427,4 +504,4 @@ class PackedCriterion:
         return select_rows(state, rows)
 
 
-__all__ = ["Residual", "Stable", "OutputKL", "HaltHead", "make_criterion", "PackedCriterion"]
+__all__ = ["Residual", "Stable", "OutputKL", "HaltHead", "Depth", "make_criterion", "PackedCriterion"]

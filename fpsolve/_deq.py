@@ -107,6 +107,7 @@ class DEQ(nn.Module):
             Hutchinson estimate of ||∂f/∂z||_F² at the solution (k probes), to add to the loss.
         criterion: None or a criterion object, as for `solve`.
         check_every: As for `solve`.
+        min_iter: As for `solve`: no sample stops by its criterion before this many passes.
         correction: None or a `fpsolve.Correction(passes=...)`: `sol.path` holds the iterates
             at those passes, each with a phantom gradient, for a fixed-point-correction loss
             (docs/training.md).
@@ -150,6 +151,7 @@ class DEQ(nn.Module):
         jacobian_penalty: int = 0,
         criterion: Any = None,
         check_every: Optional[int] = None,
+        min_iter: Optional[int] = None,
         correction: Any = None,
     ) -> None:
         super().__init__()
@@ -159,7 +161,8 @@ class DEQ(nn.Module):
         # Every option is normalised now, once (not at the first forward, not at every forward).
         self.settings = Options.make("DEQ", DEQ_DEFAULTS, dict(
             solver=solver, backward=backward, atol=atol, rtol=rtol, max_iter=max_iter, halting=halting,
-            norm=norm, record=record, criterion=criterion, check_every=check_every, correction=correction))
+            norm=norm, record=record, criterion=criterion, check_every=check_every, min_iter=min_iter,
+            correction=correction))
         self.jacobian_penalty = as_int("jacobian_penalty (probes)", jacobian_penalty, minimum=0)
 
     @property

@@ -124,7 +124,7 @@ def iterate_batch(s: dict) -> Solution:
     statuses are those at it. A diverged row is frozen at its last finite iterate (safe_z)
     so it cannot poison a map that mixes rows."""
     fn, z0, x, solver, rule, criterion = s["fn"], s["z0"], s["x"], s["solver"], s["rule"], s["criterion"]
-    max_iter, round_fn, passes = s["max_iter"], s["round_fn"], s["path_passes"]
+    max_iter, round_fn, passes, min_iter = s["max_iter"], s["round_fn"], s["path_passes"], s["min_iter"]
     B, dev = z0.shape[0], z0.device
     bcast = (-1,) + (1,) * (z0.ndim - 1)
     measure = measurer(rule, criterion, z0)
@@ -151,8 +151,10 @@ def iterate_batch(s: dict) -> Solution:
         if limit is None:
             limit = divergence_limit(rn, fnorm, low)
         # The one host sync of a pass: is every sample still running and within bounds?
-        # (nan fails the `> 0` test, so non-finite values are caught.)
-        if torch.minimum(limit - rn, excess).min().item() > 0:
+        # (nan fails the `> 0` test, so non-finite values are caught.) Before min_iter no
+        # criterion may stop a sample.
+        early = k + 1 < min_iter
+        if (limit - rn if early else torch.minimum(limit - rn, excess)).min().item() > 0:
             safe_z, safe_r = z, rn
         else:
             if k == 0:
@@ -161,7 +163,7 @@ def iterate_batch(s: dict) -> Solution:
             safe_z = z if safe_z is None else torch.where(bad.view(bcast), safe_z, z)
             safe_r = rn if safe_r is None else torch.where(bad, safe_r, rn)
             dead_mask = bad if dead_mask is None else dead_mask | bad
-            met = (excess <= 0) | dead_mask
+            met = dead_mask if early else (excess <= 0) | dead_mask
             all_done, any_dead = torch.stack((met.all(), dead_mask.any())).tolist()
             if all_done:
                 break
@@ -176,7 +178,13 @@ def iterate_batch(s: dict) -> Solution:
             z = round_fn(z)
         k += 1
 
-    status = torch.where((excess <= 0) & (rn <= limit), done_code(criterion), int(Status.MAX_ITER))
+    held = (excess <= 0) & (rn <= limit)
+    status = torch.where(held, done_code(criterion), int(Status.MAX_ITER))
+    if criterion is not None and bool((held if dead_mask is None else held | dead_mask).all()):
+        # (a criterion judged the newest state, f(z): when every sample halted there, the batch
+        # returns it; when the budget ran out first, the batch stays at its last iterate z, a
+        # point where f was evaluated, so that every status holds at one iterate of the batch)
+        z = fz
     if dead_mask is not None:
         status = torch.where(dead_mask, int(Status.DIVERGED), status)
         # (a row that died at this pass goes back to its last finite iterate and its residual)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from ._backward import Backward, make_backward
 from ._checks import as_bool, as_int, as_tolerances
 from ._correction import Correction, check_correction
-from ._criteria import Residual, make_criterion
+from ._criteria import Depth, Residual, make_criterion
 from ._solution import Status
 from .solvers import Solver, make_solver
 
@@ -27,11 +27,12 @@ DEFAULT_CHECK_EVERY = 4
 #: The options of `solve` and their defaults (`DEQ` differs in max_iter only).
 SOLVE_DEFAULTS: Dict[str, Any] = dict(
     solver="anderson", atol=0.0, rtol=1e-4, max_iter=50, halting="sample", backward="implicit",
-    norm="l2", record=False, criterion=None, check_every=None, correction=None)
+    norm="l2", record=False, criterion=None, check_every=None, min_iter=None, correction=None)
 DEQ_DEFAULTS: Dict[str, Any] = dict(SOLVE_DEFAULTS, max_iter=30)
 #: The solver options of `stream` and `solve_stream` (beside slots, z0 and compile).
 STREAM_DEFAULTS: Dict[str, Any] = dict(
-    solver="anderson", atol=0.0, rtol=1e-4, max_iter=50, norm="l2", criterion=None, check_every=None)
+    solver="anderson", atol=0.0, rtol=1e-4, max_iter=50, norm="l2", criterion=None, check_every=None,
+    min_iter=None)
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
@@ -59,6 +60,7 @@ class Options:
     record: bool = False
     check_every: int = DEFAULT_CHECK_EVERY
     correction: Optional[Correction] = None
+    min_iter: int = 1
     given: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -82,9 +84,20 @@ class Options:
         every = DEFAULT_CHECK_EVERY if every is None else as_int("check_every", every)
         correction = o.get("correction")
         check_correction(correction, max_iter)
-        shown = dict(o, atol=atol, rtol=rtol, max_iter=max_iter)
-        return cls(make_solver(o["solver"]), rule, other, max_iter, halting, backward, record, every,
-                   correction, shown)
+        min_iter = 1 if o["min_iter"] is None else as_int("min_iter", o["min_iter"])
+        if min_iter > max_iter:
+            raise ValueError(f"min_iter={min_iter} exceeds max_iter={max_iter}: no sample could stop by its "
+                             f"criterion; raise max_iter or lower min_iter.")
+        solver = o["solver"]
+        if isinstance(other, Depth):
+            if other.passes > max_iter:
+                raise ValueError(f"Depth(passes={other.passes}) asks for more passes than max_iter={max_iter}: "
+                                 f"raise max_iter to at least {other.passes}.")
+            if solver == defaults["solver"]:   # (a looped model runs its block plainly: f^K(z0))
+                solver = "fixed_point"
+        shown = dict(o, atol=atol, rtol=rtol, max_iter=max_iter, min_iter=None if o["min_iter"] is None else min_iter)
+        return cls(make_solver(solver), rule, other, max_iter, halting, backward, record, every,
+                   correction, min_iter, shown)
 
     def replace(self, **changes: Any) -> "Options":
         """A copy with some fields changed (already-normalised values)."""
@@ -115,6 +128,8 @@ class Options:
             parts.append(f"criterion={self.criterion!r}")
         if self.correction is not None:
             parts.append(f"correction={self.correction!r}")
+        if self.min_iter > 1:
+            parts.append(f"min_iter={self.min_iter}")
         if self.record:
             parts.append("record=True")
         return ", ".join(parts)

@@ -32,6 +32,7 @@ class Run:
     check_every: int = 1
     round_fn: Optional[Callable[[Tensor], Tensor]] = None
     path_passes: Tuple[int, ...] = field(default=())
+    min_iter: int = 1
 
     def forward(self, **changes: Any) -> Solution:
         """Iterate to a Solution (z in the loop's layout), with some settings changed."""

@@ -31,10 +31,12 @@ class SampleLoop:
 
     def __init__(self, fn: Map, z0: Tensor, x: Any, fz0: Tensor, solver: Solver, rule: Residual, max_iter: int,
                  per_sample: bool, criterion: Optional[PackedCriterion], record: bool, check_every: int,
-                 round_fn: Optional[Callable[[Tensor], Tensor]], path_passes: Tuple[int, ...]) -> None:
+                 round_fn: Optional[Callable[[Tensor], Tensor]], path_passes: Tuple[int, ...],
+                 min_iter: int = 1) -> None:
         self.fn, self.z0, self.x, self.fz0, self.solver, self.rule = fn, z0, x, fz0, solver, rule
         self.max_iter, self.criterion, self.check_every, self.round_fn = max_iter, criterion, check_every, round_fn
-        self.passes = path_passes
+        self.passes, self.min_iter = path_passes, min_iter
+        self.newest = criterion is not None   # (a criterion's halted rows return f's newest output)
         self.B, self.dev = z0.shape[0], z0.device
         self.done_code = done_code(criterion)
         self.rows_on_device = record or bool(path_passes)   # (the trace and sol.path index by original row)
@@ -64,6 +66,7 @@ class SampleLoop:
         win_z: List[Tensor] = []   # the window's iterates (references), their residual norms and
         win_r: List[Tensor] = []   # excess over the tolerance (<= 0: met; or -1/+1 from a criterion)
         win_e: List[Tensor] = []
+        win_f: List[Tensor] = []   # f's outputs (the newest states), with a criterion
         k = 0
         while True:
             if k > 0:
@@ -79,14 +82,16 @@ class SampleLoop:
             win_z.append(z)
             win_r.append(rn)
             win_e.append(excess)
+            if self.newest:
+                win_f.append(fz)
             last = k + 1 >= self.max_iter
             stay = None
             if len(win_z) == self.check_every or last or k == 0:   # (a look after the first pass
                 # catches a warm start that is already a fixed point)
-                stay = self.look(win_z, win_r, win_e, limit_t, k, last)
+                stay = self.look(win_z, win_r, win_e, win_f, limit_t, k, last)
                 if self.n_active == 0:
                     break
-                win_z, win_r, win_e = [], [], []
+                win_z, win_r, win_e, win_f = [], [], [], []
             # The solver steps on the rows it has seen, then the rows that stopped are dropped
             # from its output (so f(z) and g are never copied).
             if state is None:
@@ -104,8 +109,8 @@ class SampleLoop:
             sol.path = kept_path(passes, kept, sol.z, sol.iterations, int(sol.iterations.min()))
         return sol
 
-    def look(self, win_z: List[Tensor], win_r: List[Tensor], win_e: List[Tensor], limit_t: Tensor, k: int,
-             last: bool) -> Optional[Tensor]:
+    def look(self, win_z: List[Tensor], win_r: List[Tensor], win_e: List[Tensor], win_f: List[Tensor],
+             limit_t: Tensor, k: int, last: bool) -> Optional[Tensor]:
         """The host's look at a window: record the rows that stopped, keep each other row's best
         iterate, and return the rows that stay (None: all of them)."""
         w = len(win_z)
@@ -115,7 +120,10 @@ class SampleLoop:
                 check_start(self.z0)
         else:
             R, E = host_arrays(torch.stack(win_r), torch.stack(win_e))
-        first, codes = first_stops(R, E <= 0, self.limit, w - 1 if last else w, self.done_code)
+        met = E <= 0
+        if k + 1 - (w - 1) < self.min_iter:   # (no stop by the criterion before min_iter evaluations)
+            met &= (k + 1 - (w - 1) + np.arange(w) >= self.min_iter)[:, None]
+        first, codes = first_stops(R, met, self.limit, w - 1 if last else w, self.done_code)
         best_r = self.best_r
         if (codes < 0).all() and (best_r is None or (R[-1] < best_r).all()) and (R[1:] < R[:-1]).all():
             # quiet: nothing stopped and every residual fell at every pass, so the last
@@ -132,13 +140,15 @@ class SampleLoop:
         # best_row[i] of best_z. Rows are gathered only when they leave, or when the rows that
         # stay no longer share one source (a falling residual is never copied).
         src = np.where(better, sel, w)
-        sources = win_z + [self.best_z]
+        sources = win_z + [self.best_z] + win_f
+        if self.newest:   # (a halted row's answer is f's output at its stop: source w + 1 + pass)
+            src = np.where(codes == self.done_code, w + 1 + sel, src)
         rows_in = lambda r: r if best_row is None else np.where(src[r] == w, best_row[r], r)  # noqa: E731
         done = codes >= 0
         gone = np.flatnonzero(done)
         for part in _by_source(src, gone):
             p = int(src[part[0]])
-            whole = part.size == n and (p < w or best_row is None or
+            whole = part.size == n and (p != w or best_row is None or
                                         (best_row.size == self.best_z.shape[0] and (best_row == cols).all()))
             zp = sources[p] if whole else sources[p].index_select(0, index_tensor(rows_in(part), self.dev))
             self.finished.append(Finished(self.idx if whole else (part if self.idx is None else self.idx[part]), zp,

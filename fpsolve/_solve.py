@@ -37,6 +37,7 @@ def solve(
     record: bool = False,
     criterion: Any = None,
     check_every: Optional[int] = None,
+    min_iter: Optional[int] = None,
     correction: Any = None,
 ) -> Solution:
     """Find z with z = f(z, x) (or f(z) when x is None) for every sample of a batch.
@@ -74,6 +75,8 @@ def solve(
         check_every: With halting="sample", passes between two looks of the host (stopped
             rows leave f's batch at a look; counts and results stay exact); None: fpsolve's
             default (4).
+        min_iter: None, or the fewest evaluations of f before any sample may stop by its
+            criterion (CONVERGED or HALTED; a DIVERGED sample still stops at once).
         correction: None or a `fpsolve.Correction(passes=..., steps=k, damping=λ)`:
             `sol.path` then holds the iterates at those passes, each with the gradient of k
             damped steps from it (fixed-point correction).
@@ -101,7 +104,7 @@ def solve(
     """
     opts = Options.make("solve", SOLVE_DEFAULTS, dict(
         solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, halting=halting, backward=backward, norm=norm,
-        record=record, criterion=criterion, check_every=check_every, correction=correction))
+        record=record, criterion=criterion, check_every=check_every, min_iter=min_iter, correction=correction))
     return solve_with(f, z0, x, opts)
 
 
@@ -149,7 +152,8 @@ def solve_with(f: Callable[..., Any], z0: Any, x: Any, opts: Options) -> Solutio
     fn = layout.wrap(f, x is not None)
     criterion = None if opts.criterion is None else PackedCriterion(opts.criterion, layout.unpack)
     run = Run(fn, z_start, x, fz0, opts.solver, opts.rule, opts.max_iter, opts.per_sample, criterion,
-              opts.record, opts.check_every, rounding(layout.dtype, layout.work_dtype), opts.path_passes)
+              opts.record, opts.check_every, rounding(layout.dtype, layout.work_dtype), opts.path_passes,
+              opts.min_iter)
     del fz0
     if needs_grad:
         sol = opts.backward.apply(run)

@@ -188,8 +188,8 @@ class _Slots:
         self.steps = np.arange(K)[:, None]
 
 
-def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, max_iter: int,
-          done_code: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, max_iter: int, done_code: int,
+          min_iter: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One check of a window of K passes, on the host: each slot's first stop and its status
     there, the pass holding its answer (`sel`: where its criterion held, else its best iterate
     up to the stop), whether that beats its best so far, its iteration count, and which slots
@@ -199,6 +199,8 @@ def _look(R: np.ndarray, Fn: np.ndarray, met: np.ndarray, st: _Slots, max_iter: 
     fresh = age == 0                                      # samples that started this window
     if fresh.any():   # (their divergence limit, from their first pass)
         np.copyto(st.limit, limit_np(R[0], Fn[0], st.floor), where=fresh)
+    if min_iter > 1:   # (no stop by the criterion before min_iter evaluations)
+        met = met & (age + 1 + st.steps >= min_iter)
     first, codes = first_stops(R, met, st.limit, max_iter - 1 - age, done_code)
     sel, better = window_answers(R, first, codes == done_code, st.best_r)   # (nan for a new sample)
     better &= active
@@ -242,12 +244,13 @@ class _Engine:
         round_fn = rounding(layout.dtype, wdt)
         yield from _run_slots(fn=layout.wrap(f, True), layout=layout, rows=rows, z0=z0, x_first=x_first,
                               z_first=z_first, n0=n0, S=S, rule=rule, other=other, solver_obj=solver_obj,
-                              max_iter=max_iter, K=opts.check_every, round_fn=round_fn, compile=self.compile)
+                              max_iter=max_iter, K=opts.check_every, round_fn=round_fn, compile=self.compile,
+                              min_iter=opts.min_iter)
 
 
 def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: Any, x_first: List[Tensor],
                z_first: Any, n0: int, S: int, rule: Any, other: Any, solver_obj: Any, max_iter: int, K: int,
-               round_fn: Any, compile: bool) -> Iterator[Tuple[Finished, StateLayout]]:
+               round_fn: Any, compile: bool, min_iter: int = 1) -> Iterator[Tuple[Finished, StateLayout]]:
     """The slots' passes and looks (see the module docstring)."""
     dev, wdt = layout.device, layout.work_dtype
     hint = f" (It must treat the {S} slots independently.)"
@@ -282,6 +285,10 @@ def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: A
     ring_f = z.new_empty(K, S)                       # ||f(z)|| at them
     ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion's verdicts
     rz = (ring_z[0].unbind(0), ring_z[1].unbind(0))
+    # A criterion's halted rows return f's newest output at their stop: plain iteration has it
+    # in the ring already (z_(p+1) = f(z_p)); other solvers keep f's outputs in a ring of their own.
+    f_store = z.new_empty((2 * K * S,) + tuple(z.shape[1:])) if criterion is not None and not lazy else None
+    f_ring = None if f_store is None else f_store.view((2, K) + tuple(z.shape))
     window_norms = _bookkeeping("window", rule.norm, compile)
     rr, rf, rm = ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
     needs_k = criterion is not None or type(solver_obj) is not FixedPointIteration
@@ -307,6 +314,8 @@ def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: A
             if criterion is not None:
                 met, cstate = criterion(z, fz, criterion.reset(cstate, ks[p] == 0))
                 rm[p].copy_(met)
+                if f_ring is not None:
+                    f_ring[parity, p].copy_(fz)
             if state is None:
                 state = solver_obj.init(z, fz, g)
             z, state = solver_obj.step(state, z, fz, g, ks[p])
@@ -319,7 +328,8 @@ def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: A
             r_t, f_t = window_norms(ring_z[parity])
         met_t = ring_met if criterion is not None else rule.excess(r_t, f_t) <= 0
         R, Fn, M = host_arrays(r_t, f_t, met_t)
-        sel, better, codes, its, stops = _look(R, Fn, M, st, max_iter, done_code)
+        sel, better, codes, its, stops = _look(R, Fn, M, st, max_iter, done_code, min_iter)
+        window = parity
         # a best iterate in the previous window's ring that this window did not beat is saved
         # before the next window overwrites that ring (emitted samples are read out first)
         old = (best_at // (W * S) == parity ^ 1) & ~better & ~stops & st.active
@@ -334,8 +344,16 @@ def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: A
         if not n_emit:
             continue
         emit_t = index_tensor(emit, dev)
-        yield Finished(st.sample[emit], store.index_select(0, index_tensor(best_at[emit], dev)), st.best_r[emit],
-                       its[emit], codes[emit]), layout
+        answers = store.index_select(0, index_tensor(best_at[emit], dev))
+        halted = np.flatnonzero(codes[emit] == done_code) if criterion is not None else ()
+        if len(halted):   # (the newest state, f's output at the stop pass)
+            cols = emit[halted]
+            if f_store is None:
+                at, source = window * W * S + (sel[cols] + 1) * S + cols, store
+            else:
+                at, source = window * K * S + sel[cols] * S + cols, f_store
+            answers[index_tensor(halted, dev)] = source.index_select(0, index_tensor(at, dev))
+        yield Finished(st.sample[emit], answers, st.best_r[emit], its[emit], codes[emit]), layout
         # Refill the emitted slots with the next inputs (idle slots copy a live row).
         x_new, n_new = rows.take(n_emit)
         if n_new:
@@ -405,7 +423,7 @@ def _private(t: Tensor, device: torch.device) -> Tensor:
 def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0: Any = None,
            solver: Any = "anderson", atol: float = 0.0, rtol: float = 1e-4, max_iter: int = 50,
            norm: str = "l2", criterion: Any = None, check_every: Optional[int] = None,
-           compile: bool = False) -> Iterator[StreamResult]:
+           min_iter: Optional[int] = None, compile: bool = False) -> Iterator[StreamResult]:
     """Solve z = f(z, x) for every row of a stream of input batches, `slots` rows at a time.
 
     Continuous batching: when a row halts, its result is handed out and its slot takes the
@@ -432,6 +450,7 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
             `OutputKL`, `HaltHead`); samples another criterion stops are `HALTED`.
         check_every: Passes between host-side checks (emit and refill); None: fpsolve's
             default (4). Iteration counts are exact whatever it is.
+        min_iter: None, or the fewest evaluations before a sample may stop by its criterion.
         compile: True compiles the per-pass bookkeeping on the device (the ring copy and
             the residual norms) with `torch.compile` into fused kernels (a few seconds once
             per process and shape; it matters where each op is a kernel launch). The look's
@@ -459,7 +478,8 @@ def stream(f: Callable[..., Any], inputs: Iterable[Any], *, slots: int = 64, z0:
         ```
     """
     engine = _Engine(f, inputs, dict(slots=slots, z0=z0, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter,
-                                     norm=norm, criterion=criterion, check_every=check_every, compile=compile))
+                                     norm=norm, criterion=criterion, check_every=check_every, min_iter=min_iter,
+                                     compile=compile))
     return _results(engine)
 
 

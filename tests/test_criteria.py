@@ -32,23 +32,25 @@ def two_class(z):
 
 
 def test_stable_halts_when_the_argmax_has_not_changed_for_patience_passes():
-    # x = 0.4: z = 0, .4, .6, .7, .75 -> argmax 1, 1, 0, 0, 0: with patience 2 it halts at z_4
-    # (5 evaluations); x = 0.45: z = 0, .45, .675, .7875 -> 1, 1, 0, 0, 0: also at z_4.
+    # The criterion reads the newest state z_k = f(z_(k-1)) at pass k. x = 0.4: z_1.. = .4, .6,
+    # .7, .75 -> argmax 1, 0, 0, 0: with patience 2 it halts at pass 4 and returns z_4; x = 0.45:
+    # z = .45, .675, .7875, ... -> 1, 0, 0, 0: also at pass 4.
     sol = fpsolve.solve(halve, torch.zeros(2, 1, dtype=torch.float64), X, solver="fixed_point",
                         criterion=fpsolve.Stable(two_class, patience=2))
     assert sol.status.tolist() == [Status.HALTED, Status.HALTED]
-    assert sol.iterations.tolist() == [5, 5]
+    assert sol.iterations.tolist() == [4, 4]
     want = torch.tensor([[iterate_closed_form(0.4, 4)], [iterate_closed_form(0.45, 4)]], dtype=torch.float64)
     torch.testing.assert_close(sol.z, want)
     assert sol.converged.all()
-    # the residual is still reported, at the returned z
-    torch.testing.assert_close(sol.residual, (halve(sol.z, X) - sol.z).abs().squeeze(1))
+    # the residual is the last step's size, ||z_4 - z_3||
+    before = torch.tensor([[iterate_closed_form(0.4, 3)], [iterate_closed_form(0.45, 3)]], dtype=torch.float64)
+    torch.testing.assert_close(sol.residual, (sol.z - before).abs().squeeze(1))
 
 
 def test_stable_with_patience_one_stops_at_the_first_repeat():
     sol = fpsolve.solve(halve, torch.zeros(2, 1, dtype=torch.float64), X, solver="fixed_point",
                         criterion=fpsolve.Stable(two_class))
-    assert sol.iterations.tolist() == [2, 2]      # argmax(z0) == argmax(z1) for both
+    assert sol.iterations.tolist() == [3, 3]      # argmax(z_2) == argmax(z_3) for both
 
 
 def test_output_kl_matches_a_hand_computed_sequence():
@@ -58,13 +60,13 @@ def test_output_kl_matches_a_hand_computed_sequence():
                         criterion=fpsolve.OutputKL(readout, tol), max_iter=100)
     for i, x in enumerate([0.4, 0.45]):
         prev = None
-        for k in range(100):
+        for k in range(1, 100):                   # pass k reads z_k
             z = iterate_closed_form(x, k)
             p = torch.softmax(torch.tensor([z, 0.0], dtype=torch.float64), 0)
             if prev is not None and float((p * (p.log() - prev.log())).sum()) <= tol:
                 break
             prev = p
-        assert sol.iterations[i] == k + 1
+        assert sol.iterations[i] == k
         assert sol.status[i] == Status.HALTED
         assert math.isclose(float(sol.z[i]), iterate_closed_form(x, k), rel_tol=1e-12)
 
@@ -73,8 +75,9 @@ def test_halt_head_stops_when_the_probability_crosses_the_threshold():
     head = lambda z: (z.squeeze(1) - 0.69) * 100  # noqa: E731   halts once z >= 0.69
     sol = fpsolve.solve(halve, torch.zeros(2, 1, dtype=torch.float64), X, solver="fixed_point",
                         criterion=fpsolve.HaltHead(head))
-    # x = 0.4: z_3 = 0.7 is the first >= 0.69; x = 0.45: z_2 = 0.675, z_3 = 0.7875
-    assert sol.iterations.tolist() == [4, 4]
+    # x = 0.4: z_3 = 0.7 is the first >= 0.69; x = 0.45: z_2 = 0.675, z_3 = 0.7875: read at pass 3
+    assert sol.iterations.tolist() == [3, 3]
+    torch.testing.assert_close(sol.z, torch.tensor([[0.7], [0.7875]], dtype=torch.float64))
     assert sol.status.tolist() == [Status.HALTED, Status.HALTED]
 
 
@@ -103,7 +106,7 @@ def test_criteria_work_with_both_haltings_and_tuple_states(halting):
     readout = lambda z: two_class(z[0])  # noqa: E731
     sol = fpsolve.solve(f, z0, X, solver="fixed_point", halting=halting,
                         criterion=fpsolve.Stable(readout, patience=2))
-    assert sol.iterations.tolist() == [5, 5]
+    assert sol.iterations.tolist() == [4, 4]
     assert isinstance(sol.z, tuple)
 
 
@@ -142,6 +145,6 @@ def test_implicit_backward_warns_for_a_halted_sample_that_is_not_at_a_fixed_poin
 def test_deq_takes_a_criterion():
     layer = fpsolve.DEQ(halve, solver="fixed_point", criterion=fpsolve.Stable(two_class, patience=2))
     z, sol = layer(X, z0=torch.zeros(2, 1, dtype=torch.float64))
-    assert sol.status.tolist() == [Status.HALTED] * 2 and sol.iterations.tolist() == [5, 5]
+    assert sol.status.tolist() == [Status.HALTED] * 2 and sol.iterations.tolist() == [4, 4]
     with pytest.raises(TypeError, match="criterion"):
         fpsolve.DEQ(halve, criterion="stable")

@@ -143,7 +143,7 @@ def test_act_rule_is_fpsolve_haltheads_check_at_every_pass(one_thread):
         z = torch.zeros_like(x[0])
         for _ in range(15):
             z = model(z, x)
-            fired.append(criterion.check(z, None, criterion.init(z, len(cells), z.device))[0])
+            fired.append(criterion.check(None, z, criterion.init(z, len(cells), z.device))[0])
     fired = torch.stack(fired)
     expect = torch.where(fired.any(0), fired.float().argmax(0) + 1, torch.full((len(cells),), 15))
     halts = rules.act_rule(run, tau)

@@ -126,13 +126,12 @@ def act_rule(run: PlainRun, tau: float, head: str = "act") -> Halts:
     head's logit at z_t, sigmoid(logit) >= tau (else the budget).
 
     The criterion's own check is replayed on the logits the plain run recorded, so one run
-    serves every tau. `fpsolve.solve(criterion=fpsolve.HaltHead(...))` would count otherwise:
-    it also reads the head at the start z_0, and halting at z_t it reports t + 1 iterations
-    (it has evaluated f(z_t)), where the study counts t passes."""
+    serves every tau. (`fpsolve.solve(criterion=fpsolve.HaltHead(...))` counts the same way:
+    the head reads the newest state z_t = f(z_(t-1)), and a halt there reports t passes.)"""
     logits = run.halt_logit[head][1:]              # [T, B]: halting is decided after a pass
     rule = fpsolve.HaltHead(_recorded, threshold=tau)
     flat = logits.reshape(-1)
-    fire, _ = rule.check(flat, None, rule.init(flat, flat.shape[0], flat.device))
+    fire, _ = rule.check(None, flat, rule.init(flat, flat.shape[0], flat.device))
     return _first_halt(run, fire.view_as(logits))
 
 
