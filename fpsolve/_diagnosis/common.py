@@ -36,14 +36,15 @@ class Problem:
 @dataclass
 class Point:
     """f at the returned point, per sample: the state and f(state) as [B, n] rows, the
-    residual ||f(z) - z||, the tolerance atol + rtol ||f(z)|| (the rule in force) and
-    whether f(z) - z is finite."""
+    residual ||f(z) - z||, the tolerance atol + rtol ||f(z)|| (the rule in force), whether
+    f(z) - z is finite, and whether the residual rule holds (`Residual.excess` <= 0)."""
 
     z: Tensor
     fz: Tensor
     residual: Tensor
     tolerance: Tensor
     finite: Tensor
+    holds: Tensor
 
     @property
     def g(self) -> Tensor:

@@ -155,7 +155,8 @@ def _examine(f: Callable[..., Any], z0: Any, x: Any, sol: Solution, opts: Option
     failed = _check(settings.check, sol.z, x, B, layout.device)
     verdict = decide(Measurements(
         status=sol.status, iterations=sol.iterations, max_iter=opts.max_iter, trace=sol.trace,
-        residual=point.residual, tolerance=point.tolerance, radius=linear.radius, distance=linear.distance,
+        residual=point.residual, tolerance=point.tolerance, rule_holds=point.holds,
+        criterion=opts.criterion is not None, radius=linear.radius, distance=linear.distance,
         sensitivity=linear.sensitivity, plain=plain, path=path, check_failed=failed, n=problem.width,
         norm=rule.norm))
     return Report(
@@ -175,7 +176,8 @@ def _at_solution(fn: Callable[[Tensor, Any], Tensor], z_star: Tensor, problem: P
     account.evaluations["other"] += B
     zf = z_star.reshape(B, -1)
     residual, fnorm = rule.norms(fz - zf, fz)
-    return Point(zf, fz, residual, rule.atol + rule.rtol * fnorm, torch.isfinite(fz - zf).all(dim=1))
+    return Point(zf, fz, residual, rule.atol + rule.rtol * fnorm, torch.isfinite(fz - zf).all(dim=1),
+                 rule.excess(residual, fnorm) <= 0)
 
 
 def _plain(problem: Problem, settings: Settings, gen: torch.Generator, account: Account) -> Plain:

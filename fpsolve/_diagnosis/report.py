@@ -19,7 +19,8 @@ class Flag(enum.Enum):
 
     Members, worst first: `DIVERGENCE` (iterates or residuals grow without bound or turn
     non-finite), `FALSE_HALT` (the step passed the tolerance but the estimated distance to the
-    fixed point is 10x the tolerance or more), `INCONSISTENT` (the state settled but the
+    fixed point is 10x the tolerance or more; or a halting criterion stopped the sample where
+    the residual rule does not hold), `INCONSISTENT` (the state settled but the
     user's `check(z, x)` says it is wrong), `OSCILLATION` (plain iteration cycles or circles),
     `UNSTABLE_FIXED_POINT` (a root with spectral radius >= 1: plain iteration cannot settle
     there), `STAGNATION` (the residual stopped falling well above the tolerance),
@@ -86,9 +87,10 @@ _MESSAGES = {
     ),
     Flag.FALSE_HALT: (
         "the step passed the tolerance but the estimated distance to the fixed point (a Newton "
-        "step, about residual / (1 - contraction)) is 10x the tolerance or more; try a "
-        "tighter rtol/atol, an accelerated solver, normalise the state so its norm cannot grow, or "
-        "make f contract faster (spectral normalisation)."
+        "step, about residual / (1 - contraction)) is 10x the tolerance or more, or a halting "
+        "criterion stopped the sample where the residual rule does not hold (not at a fixed point); "
+        "try a tighter rtol/atol, an accelerated solver, normalise the state so its norm cannot grow, "
+        "make f contract faster (spectral normalisation), or check a criterion's answers with check=."
     ),
     Flag.INCONSISTENT: (
         "the state settled but your check(z, x) says this fixed point is wrong, a false halt "

@@ -45,6 +45,8 @@ class Measurements:
     trace: Optional[Tensor]      # [T, B] the solve's residual trace
     residual: Tensor             # ||f(z) - z|| at the returned point
     tolerance: Tensor            # atol + rtol ||f(z)|| there
+    rule_holds: Tensor           # the residual rule in force holds there (a fixed point)
+    criterion: bool              # another criterion (not the residual rule) decided the halts
     radius: Tensor               # spectral radius estimate of df/dz there
     distance: Tensor             # Newton estimate of ||z - z*||
     sensitivity: Tensor          # relative response of z* to x (nan: none)
@@ -66,9 +68,15 @@ class Verdict:
 
 def decide(m: Measurements) -> Verdict:
     """Each sample's flags from its measurements (see docs/diagnosing.md for every rule)."""
-    converged = m.status == int(Status.CONVERGED)
     diverged = m.status == int(Status.DIVERGED)
-    at_max = m.status == int(Status.MAX_ITER)
+    halted = m.status == int(Status.HALTED)
+    # Under another criterion, the residual rule says whether a sample is at a fixed point: one
+    # halted where it fails is not (a false halt, whatever its answer); one at a fixed point
+    # that the criterion never halted spent its budget there (no budget or stagnation verdict).
+    away = halted & ~m.rule_holds
+    unfired = (m.status == int(Status.MAX_ITER)) & m.rule_holds & m.criterion
+    converged = (m.status == int(Status.CONVERGED)) | (halted & m.rule_holds) | unfired
+    at_max = (m.status == int(Status.MAX_ITER)) & ~unfired
     plain = m.plain
     fall, contraction = window_rates(m.trace, m.iterations) if m.trace is not None else (m.radius * float("nan"),) * 2
     plain_fall, _ = window_rates(plain.trace, plain.lengths)
@@ -76,7 +84,7 @@ def decide(m: Measurements) -> Verdict:
     marginal = m.radius >= 1 - MARGIN
     slow_radius = (m.radius >= SLOW_RADIUS) & ~marginal
 
-    false_halt = converged & (m.distance > FALSE_HALT_FACTOR * m.tolerance)
+    false_halt = away | (converged & (m.distance > FALSE_HALT_FACTOR * m.tolerance))
     # Growth without bound, judged against the start's scale with a floor (as the loop's rule):
     # a bounded map started near zero moves a lot relative to its tiny first residual.
     grew_trace = ~converged & ~(last_r < 1e3 * first_r.clamp_min(floor(m.n, m.norm)))   # (non-finite counts)
@@ -94,7 +102,7 @@ def decide(m: Measurements) -> Verdict:
     # still fell quickly; neither is f's fault.
     quick = (contraction <= QUICK_RATE) & ~slow_radius & ~marginal
     unjudged = still & (torch.isnan(fall) | (falling & quick))
-    late = converged & ~marginal & ~oscillation & ~quick & ~torch.isnan(contraction) & (
+    late = converged & ~unfired & ~marginal & ~oscillation & ~quick & ~torch.isnan(contraction) & (
         m.iterations >= max(2.0, BUDGET_FRACTION * m.max_iter))
     slow = (still & ~unjudged & (falling | slow_radius)) | late
     stagnation = still & ~unjudged & ~slow
@@ -107,7 +115,19 @@ def decide(m: Measurements) -> Verdict:
         (Flag.INPUT_INSENSITIVE, settled_ok & (m.sensitivity < INSENSITIVE)), (Flag.BUDGET_TOO_SMALL, unjudged),
     ]
     notes = budget_notes(unjudged, m.iterations, contraction, m.residual, m.tolerance)
-    return Verdict(_flag_sets(table), notes, contraction)
+    return Verdict(_flag_sets(table), _criterion_notes(notes, away, unfired, m), contraction)
+
+
+def _criterion_notes(notes: List[str], away: Tensor, unfired: Tensor, m: Measurements) -> List[str]:
+    """`notes` with what a criterion's halt (or its silence) means for each sample it concerns."""
+    out = list(notes)
+    for i, (a, u, r, t) in enumerate(zip(away.tolist(), unfired.tolist(), m.residual.tolist(), m.tolerance.tolist())):
+        if a:
+            out[i] = (f"halted by the criterion away from a fixed point: residual {r:.3g} above the "
+                      f"residual rule's tolerance {t:.3g} (its answer may still be right: test it with check=)")
+        elif u:
+            out[i] = "at a fixed point (the residual rule holds), but the criterion did not halt it within max_iter"
+    return out
 
 
 def _ends(trace: Optional[Tensor], iterations: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
