@@ -473,3 +473,21 @@ def test_an_explicit_residual_criterion_sets_the_tolerance_and_norm_judged():
     assert torch.allclose(loose.tolerance, 1e-2 * fz.abs().amax(dim=1), rtol=1e-12)
     true = (loose.solution.z - x / (1 - q)).abs().amax(dim=1)
     assert torch.allclose(loose.distance, true, rtol=1e-6)                  # measured in the inf norm
+
+
+# --- restarts find a second attractor a few solution-norms away (issue 19, item 10) ---------
+
+@pytest.mark.parametrize("n", [1, 16])
+@pytest.mark.parametrize("side", [1.0, -1.0])
+def test_path_dependence_of_tanh_3z_from_either_basin(n, side):
+    """tanh(3z) (elementwise) has attracting fixed points ±0.995 per entry and a repelling 0.
+    In 1-D a restart one solution-norm from z* towards 0 lands exactly on 0 (rightly not
+    counted); the restarts must still reach the other attractor."""
+    z0 = torch.full((1, n), 0.2 * side, dtype=torch.float64)
+    report = diagnose(lambda z: torch.tanh(3 * z), z0, solver="fixed_point", restarts=8)
+    assert report.solution.converged.all()
+    assert torch.allclose(report.solution.z, torch.full_like(z0, 0.9950547536867305 * side), atol=1e-3)
+    assert report.flags[0] == {F.PATH_DEPENDENCE}, names(report)
+    assert float(report.restart_distance[0]) > 0.1
+    default = diagnose(lambda z: torch.tanh(3 * z), z0, solver="fixed_point")   # restarts=2
+    assert default.flags[0] == {F.PATH_DEPENDENCE}, names(default)

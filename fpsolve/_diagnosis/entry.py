@@ -79,8 +79,9 @@ def diagnose(
         f: The map, as for `solve`.
         z0: The starting point, as for `solve`.
         x: The input, as for `solve`.
-        restarts: Extra solves from the origin and from points spread around the solution
-            at its own scale (an integer >= 0; 0 skips the path check).
+        restarts: Extra solves: from the origin, from the mirror image -z*, then from
+            random points 1, 3 and 0.3 solution-norms from the solution, in turn (an integer
+            >= 0; 0 skips the path check).
         check: `check(z, x) -> ` bool `[B]`: the task's own consistency rule; settled samples
             that fail it get `Flag.INCONSISTENT` (the one reliable way to catch a confident
             wrong fixed point).

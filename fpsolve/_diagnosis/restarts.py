@@ -1,4 +1,5 @@
-"""Restarts: more solves with the user's options from other starting points; a converged
+"""Restarts: more solves with the user's options from other starting points (the origin, the
+mirror image of the solution, then random points at several distances from it); a converged
 restart that lands far from the solution on a point that attracts is a second attractor
 (`PATH_DEPENDENCE`)."""
 from __future__ import annotations
@@ -16,6 +17,10 @@ from .._solve import solve_with
 from .common import Account, Point, Problem, random_like
 from .verdict import FALSE_HALT_FACTOR
 
+#: The distances, in solution-norms, of the random restart points from the solution, in turn
+#: (restarts 2, 3, 4, 5, ...): a second attractor a few solution-norms away is reached even
+#: where one distance lands on a repelling root (in 1-D, z* - |z*| is the origin).
+SPREAD = (1.0, 3.0, 0.3)
 #: A restart's fixed point attracts when plain iteration from it, moved by this fraction of the
 #: sample's scale, comes back (a repelling root reached exactly is not a second attractor).
 NUDGE = 1e-3
@@ -49,9 +54,7 @@ def search(problem: Problem, point: Point, distance: Tensor, setup: Search, gen:
     threshold = FALSE_HALT_FACTOR * (point.tolerance + dist_ok) + 10 * torch.finfo(problem.layout.dtype).eps * scale
     norm = problem.opts.rule.norm
     for i in range(setup.restarts):
-        noise = random_like(zf, gen)
-        spread = zf + noise * (scale / torch.linalg.vector_norm(noise, dim=1).clamp_min(1e-30)).unsqueeze(1)
-        start = torch.where(z0_zero.unsqueeze(1), spread, 0.0) if i == 0 else spread
+        start = start_point(i, zf, scale, z0_zero, gen)
         try:
             rsol = solve_with(problem.f, problem.layout.unpack(start.view(problem.shape)), problem.x,
                               problem.opts.replace(backward=None))
@@ -73,6 +76,20 @@ def search(problem: Problem, point: Point, distance: Tensor, setup: Search, gen:
     return restart_distance, path
 
 
+def start_point(i: int, zf: Tensor, scale: Tensor, z0_zero: Tensor, gen: torch.Generator) -> Tensor:
+    """Restart i's start [B, n]: 0, the origin (a spread point for samples whose z0 is already
+    0); 1, the mirror image -z* (an odd map's other fixed point; a spread point where z* = 0);
+    then z* + s ξ scale, ξ a random unit direction and s cycling through SPREAD."""
+    noise = random_like(zf, gen)
+    unit = noise / torch.linalg.vector_norm(noise, dim=1, keepdim=True).clamp_min(1e-30)
+    if i == 0:
+        return torch.where(z0_zero.unsqueeze(1), zf + unit * scale.unsqueeze(1), 0.0)
+    if i == 1:
+        flat = (zf.abs().amax(dim=1) == 0).unsqueeze(1)
+        return torch.where(flat, zf + unit * scale.unsqueeze(1), -zf)
+    return zf + unit * (SPREAD[(i - 2) % len(SPREAD)] * scale).unsqueeze(1)
+
+
 def attracting(problem: Problem, point: Tensor, nudge: Tensor, slack: Tensor, steps: int,
                gen: torch.Generator) -> Tensor:
     """bool [B]: plain iteration from `point` moved by `nudge` (a random direction) comes back
@@ -84,4 +101,4 @@ def attracting(problem: Problem, point: Tensor, nudge: Tensor, slack: Tensor, st
     return sample_norm(z - point, problem.opts.rule.norm) <= 2 * nudge + slack
 
 
-__all__ = ["Search", "search", "attracting", "NUDGE"]
+__all__ = ["Search", "search", "start_point", "attracting", "NUDGE", "SPREAD"]
