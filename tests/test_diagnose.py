@@ -491,3 +491,32 @@ def test_path_dependence_of_tanh_3z_from_either_basin(n, side):
     assert float(report.restart_distance[0]) > 0.1
     default = diagnose(lambda z: torch.tanh(3 * z), z0, solver="fixed_point")   # restarts=2
     assert default.flags[0] == {F.PATH_DEPENDENCE}, names(default)
+
+
+# --- the package's seams (issue 18, part 5) ------------------------------------------------
+
+def test_counts_accept_numpy_integers_with_one_message():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3, dtype=torch.float64, generator=generator(20))
+    report = diagnose(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, restarts=np.int64(1),
+                      max_period=np.int32(4), krylov=np.int64(2), plain_iter=np.int64(10))
+    assert all(not s for s in report.flags), names(report)
+    z = torch.zeros(2, 2)
+    for name in ("max_period", "krylov", "plain_iter"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            diagnose(lambda z: z, z, **{name: 0})
+        with pytest.raises(TypeError, match=f"{name} must be an integer >= 1"):
+            diagnose(lambda z: z, z, **{name: 2.0})
+    with pytest.raises(ValueError, match="restarts must be an integer >= 0"):
+        diagnose(lambda z: z, z, restarts=-1)
+
+
+def test_plot_reads_the_report_only():
+    """No import circle: the figures import the report module, never the analysis."""
+    import ast
+    import inspect
+    from fpsolve._diagnosis import plot, report
+    for module in (plot, report):
+        tree = ast.parse(inspect.getsource(module))
+        local = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert local <= ({"report"} if module is plot else {"plot"}), (module.__name__, local)
