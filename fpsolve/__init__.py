@@ -7,7 +7,7 @@ from ._criteria import Depth, HaltHead, OutputKL, Residual, Stable
 from ._backward import Implicit, Phantom, Unroll
 from ._implicit import ConvergenceWarning
 from ._deq import DEQ, jacobian_penalty
-from .diagnostics import Flag, Report, diagnose
+from ._diagnosis import Flag, Report, diagnose
 from .norms import frobenius_bound, lipschitz_bounds, spectral_bound
 from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status

@@ -418,3 +418,105 @@ def test_arguments_are_validated_and_empty_batches_work():
         diagnose(lambda z: z, z, max_iter=0)
     empty = diagnose(lambda z: 0.5 * z, torch.zeros(0, 3))
     assert empty.flags == [] and empty.period.numel() == 0
+
+
+# --- a criterion other than the residual rule (issue 19, item 8) --------------------------
+
+def first_of_two(z: torch.Tensor) -> torch.Tensor:
+    """A read-out of two classes from the first entry (its answer: the sign of z - 0.5)."""
+    return torch.stack((z[:, 0], 1 - z[:, 0]), dim=1)
+
+
+def test_a_criterion_halt_away_from_a_fixed_point_is_never_healthy():
+    x = torch.tensor([[0.2], [-0.2]], dtype=torch.float64)
+    z0 = torch.zeros(2, 1, dtype=torch.float64)
+    report = diagnose(lambda z, x: 0.9 * z + x, z0, x, solver="fixed_point",
+                      criterion=fpsolve.Stable(first_of_two, patience=2))
+    assert (report.solution.status == fpsolve.Status.HALTED).all()
+    assert (report.solution.residual > 10 * report.tolerance).all()       # far from z* = 10 x
+    assert not report.healthy.any() and all(F.FALSE_HALT in s for s in report.flags), names(report)
+    assert all("halted by the criterion" in n for n in report.sample_notes), report.sample_notes
+    assert "healthy samples" not in str(report)
+    # halted by the same criterion once at the fixed point: healthy
+    at = diagnose(lambda z, x: 0.5 * z + x, z0, x, criterion=fpsolve.Stable(first_of_two, patience=8))
+    assert (at.solution.status == fpsolve.Status.HALTED).all()
+    assert all(not s for s in at.flags) and at.sample_notes == ["", ""], (names(at), at.sample_notes)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_a_criterion_that_never_fires_at_a_fixed_point_is_not_a_budget_problem(solver):
+    x = torch.tensor([[0.0, 0.0], [1.0, -2.0]], dtype=torch.float64)   # sample 0 starts at z* = 0
+    never = fpsolve.HaltHead(lambda z: torch.full((z.shape[0],), -100.0, dtype=z.dtype))
+    report = diagnose(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, solver=solver, criterion=never,
+                      max_iter=60)
+    assert (report.solution.status == fpsolve.Status.MAX_ITER).all()
+    assert (report.solution.residual <= report.tolerance).all()           # the residual rule holds
+    assert all(not s for s in report.flags), names(report)
+    assert all("did not halt" in n and "budget" not in n for n in report.sample_notes), report.sample_notes
+
+
+def test_an_explicit_residual_criterion_sets_the_tolerance_and_norm_judged():
+    x = torch.randn(3, 4, dtype=torch.float64, generator=generator(19))
+    rule = fpsolve.Residual(rtol=1e-12, norm="inf")
+    report = diagnose(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, criterion=rule)
+    assert report.options["rtol"] == 1e-12 and report.options["norm"] == "inf" and report.options["atol"] == 0.0
+    fz = 0.5 * report.solution.z + x
+    assert torch.allclose(report.tolerance, 1e-12 * fz.abs().amax(dim=1), rtol=1e-12)   # the inf norm
+    assert all(not s for s in report.flags), names(report)
+    # FALSE_HALT is judged against the criterion's tolerance: loose inf-norm rule, slow map
+    q = 0.999
+    loose = diagnose(lambda z, x: q * z + x, torch.zeros_like(x), x, solver="fixed_point", max_iter=1000,
+                     criterion=fpsolve.Residual(rtol=1e-2, norm="inf"), restarts=0)
+    assert loose.solution.converged.all() and loose.options["norm"] == "inf"
+    assert all(s == {F.FALSE_HALT} for s in loose.flags), names(loose)
+    fz = q * loose.solution.z + x
+    assert torch.allclose(loose.tolerance, 1e-2 * fz.abs().amax(dim=1), rtol=1e-12)
+    true = (loose.solution.z - x / (1 - q)).abs().amax(dim=1)
+    assert torch.allclose(loose.distance, true, rtol=1e-6)                  # measured in the inf norm
+
+
+# --- restarts find a second attractor a few solution-norms away (issue 19, item 10) ---------
+
+@pytest.mark.parametrize("n", [1, 16])
+@pytest.mark.parametrize("side", [1.0, -1.0])
+def test_path_dependence_of_tanh_3z_from_either_basin(n, side):
+    """tanh(3z) (elementwise) has attracting fixed points ±0.995 per entry and a repelling 0.
+    In 1-D a restart one solution-norm from z* towards 0 lands exactly on 0 (rightly not
+    counted); the restarts must still reach the other attractor."""
+    z0 = torch.full((1, n), 0.2 * side, dtype=torch.float64)
+    report = diagnose(lambda z: torch.tanh(3 * z), z0, solver="fixed_point", restarts=8)
+    assert report.solution.converged.all()
+    assert torch.allclose(report.solution.z, torch.full_like(z0, 0.9950547536867305 * side), atol=1e-3)
+    assert report.flags[0] == {F.PATH_DEPENDENCE}, names(report)
+    assert float(report.restart_distance[0]) > 0.1
+    default = diagnose(lambda z: torch.tanh(3 * z), z0, solver="fixed_point")   # restarts=2
+    assert default.flags[0] == {F.PATH_DEPENDENCE}, names(default)
+
+
+# --- the package's seams (issue 18, part 5) ------------------------------------------------
+
+def test_counts_accept_numpy_integers_with_one_message():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3, dtype=torch.float64, generator=generator(20))
+    report = diagnose(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, restarts=np.int64(1),
+                      max_period=np.int32(4), krylov=np.int64(2), plain_iter=np.int64(10))
+    assert all(not s for s in report.flags), names(report)
+    z = torch.zeros(2, 2)
+    for name in ("max_period", "krylov", "plain_iter"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            diagnose(lambda z: z, z, **{name: 0})
+        with pytest.raises(TypeError, match=f"{name} must be an integer >= 1"):
+            diagnose(lambda z: z, z, **{name: 2.0})
+    with pytest.raises(ValueError, match="restarts must be an integer >= 0"):
+        diagnose(lambda z: z, z, restarts=-1)
+
+
+def test_plot_reads_the_report_only():
+    """No import circle: the figures import the report module, never the analysis."""
+    import ast
+    import inspect
+    from fpsolve._diagnosis import plot, report
+    for module in (plot, report):
+        tree = ast.parse(inspect.getsource(module))
+        local = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert local <= ({"report"} if module is plot else {"plot"}), (module.__name__, local)
