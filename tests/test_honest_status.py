@@ -21,7 +21,8 @@ import fpsolve._implicit as backward_module
 from fpsolve import Flag, diagnose
 from fpsolve._checks import check_transforms
 from fpsolve._checks import as_float, as_int, usable_start
-from fpsolve.diagnostics import _plain_run
+from fpsolve._criteria import Residual
+from fpsolve._diagnosis.plain import PlainSetup, plain_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,11 +49,10 @@ def test_plain_run_does_not_call_a_bounded_map_divergent_from_a_tiny_start():
     """tanh(2z + x) from 0 with x = 1e-9 moves 1e9 times its first residual on its way to
     0.957, and stays bounded by 1: not a divergence. z -> 2z + x from the same start is one."""
     x = torch.tensor([[1e-6], [1e-9]], dtype=F64)
-    args = dict(steps=80, max_period=16, atol=0.0, rtol=1e-4, norm="l2", per_sample=True,
-                gen=gen(), precision=torch.finfo(F64).eps)
-    plain = _plain_run(tanh2, torch.zeros_like(x), x, **args)
+    setup = PlainSetup(80, 16, Residual(0.0, 1e-4, "l2"), True, torch.finfo(F64).eps)
+    plain = plain_run(tanh2, torch.zeros_like(x), x, setup, gen())
     assert not plain.diverged.any() and not plain.grew.any() and plain.settled.all()
-    grow = _plain_run(lambda z, x: 2 * z + x, torch.zeros_like(x), x, **args)
+    grow = plain_run(lambda z, x: 2 * z + x, torch.zeros_like(x), x, setup, gen())
     assert grow.diverged.all()
 
 
