@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ._checks import as_float, as_int
+from ._criteria import Depth
 from ._replay import same_map
 from ._implicit import Implicit
 from ._run import Run
@@ -66,12 +67,19 @@ class Phantom:
     def apply(self, run: Run) -> Solution:
         """Run the forward without autograd, then `steps` damped passes from sol.z with it.
 
+        Under `Depth(K)`: the last `steps` of the K passes (the first K - steps without autograd).
+
         Args:
             run: The solve as the loop sees it (`fpsolve._run.Run`), made by `solve`.
 
         Returns:
             The forward's `Solution`, its `z` (loop layout) carrying the phantom gradient.
         """
+        if run.criterion is not None and run.criterion.depth() is not None:
+            if self.damping != 1.0:
+                raise ValueError(f"Phantom(damping={self.damping}) under fpsolve.Depth: the last passes of a "
+                                 f"fixed-depth loop are f itself; use Phantom(steps=k, damping=1.0) or Unroll(steps=k).")
+            return last_passes(run, self.steps)
         with torch.no_grad():
             sol = run.forward()
         sol.z = phantom_gradient(run.fn, sol.z, sol.status, run.x, self.steps, self.damping, run.per_sample)
@@ -135,7 +143,8 @@ class Unroll:
 
         steps=None: the forward solve recorded by autograd, solver algebra included (a look at
         every pass: the graph must hold no pass after a sample stopped, whose algebra may be
-        non-finite). steps=k: the forward without autograd, then k passes from sol.z with it.
+        non-finite). steps=k: the forward without autograd, then k passes from sol.z with it;
+        under `Depth(K)` the last k of the K passes (the first K - k run without autograd).
 
         Args:
             run: The solve as the loop sees it (`fpsolve._run.Run`), made by `solve`.
@@ -143,6 +152,8 @@ class Unroll:
         Returns:
             The `Solution`, its `z` (loop layout) carrying the gradient of the recorded passes.
         """
+        if self.steps is not None and run.criterion is not None and run.criterion.depth() is not None:
+            return last_passes(run, self.steps, self.checkpoint)
         if self.steps is None:
             fn = run.fn if self.checkpoint is None else _PerCallCheckpoint(run.fn)
             with torch.enable_grad():
@@ -187,6 +198,44 @@ def make_backward(backward: Any) -> Optional[Backward]:
         f"backward must be 'implicit', 'phantom', 'unroll', 'none' or an Implicit/Phantom/"
         f"Unroll object; got {backward!r}."
     )
+
+
+def last_passes(run: Run, steps: int, segment: Optional[int] = None) -> Solution:
+    """Fixed depth K with the gradient of its last `steps` passes: K - steps passes without
+    autograd, then the last ones recorded (in checkpointed segments of `segment` passes);
+    `sol.z` is z_K itself, as a looped model trained with truncated backpropagation returns."""
+    K = run.criterion.depth()
+    k = min(steps, K)
+    with torch.no_grad():
+        if k < K:
+            sol = run.forward(criterion=run.criterion.replaced(Depth(K - k)))
+            z, status = sol.z, sol.status
+        else:   # (every pass recorded: from z0)
+            sol = run.forward(criterion=run.criterion.replaced(Depth(1)), fz0=run.fz0.detach())
+            z, status = run.z0, torch.zeros_like(sol.status)
+    ok = status != int(Status.DIVERGED)
+    rows = None if bool(ok.all()) else ok.nonzero().squeeze(1)
+    zs, xs = (z, run.x) if rows is None else (z.index_select(0, rows), select_rows(run.x, rows))
+    with torch.enable_grad():
+        prev = phantom_steps(run.fn, zs, xs, k - 1, 1.0, segment) if k > 1 else zs
+        last = run.fn(prev, xs)
+    fine = torch.isfinite(last.detach()).flatten(1).all(dim=1)
+    step = run.rule.norms((last - prev).detach(), last.detach())[0]
+    if rows is None:
+        rows = torch.arange(z.shape[0], device=z.device)
+    keep = rows[fine]
+    new_z = z.detach().index_copy(0, keep, last[fine])
+    sol.z = new_z
+    sol.status = sol.status.clone()
+    sol.status[rows[~fine]] = int(Status.DIVERGED)
+    sol.status[keep] = int(Status.HALTED)
+    sol.iterations = sol.iterations.clone()
+    sol.iterations[keep] = K
+    sol.residual = sol.residual.clone()
+    sol.residual[keep] = step[fine].to(sol.residual.dtype)
+    sol.converged = sol.status == int(Status.HALTED)
+    sol.evaluations += int(rows.numel()) * k
+    return sol
 
 
 # --- the phantom gradient: k recorded passes from a point ----------------------------------

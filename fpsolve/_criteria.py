@@ -498,6 +498,14 @@ class PackedCriterion:
     def reset(self, state: Any, fresh: Tensor) -> Any:
         return self.criterion.reset(state, fresh)
 
+    def depth(self) -> Optional[int]:
+        """K when the criterion is `Depth(K)` (fixed depth), else None."""
+        return self.criterion.passes if isinstance(self.criterion, Depth) else None
+
+    def replaced(self, criterion: Any) -> "PackedCriterion":
+        """The same adapter around another criterion."""
+        return PackedCriterion(criterion, self.unpack)
+
     @staticmethod
     def select(state: Any, rows: Tensor) -> Any:
         """The state of the rows `rows` (the loop dropped the others)."""
