@@ -159,16 +159,22 @@ def to_host(*ts: Tensor) -> List[np.ndarray]:
     if ts[0].dtype == torch.bfloat16:
         ts = tuple(t.float() for t in ts)
     if ts[0].device.type == "cpu":
-        try:
-            return [t.numpy() for t in ts]
-        except RuntimeError:   # (tensors without storage, under torch.func transforms)
-            return [np.array(t.tolist(), dtype=np.dtype(str(t.dtype).replace("torch.", ""))) for t in ts]
+        return [_numpy(t) for t in ts]
     flat_all = torch.cat([t.reshape(-1) for t in ts]).cpu().numpy()
     out, at = [], 0
     for t in ts:
         out.append(flat_all[at:at + t.numel()].reshape(tuple(t.shape)))
         at += t.numel()
     return out
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array: a view, or a copy for a tensor without storage (under
+    torch.func transforms)."""
+    try:
+        return t.numpy()
+    except RuntimeError:
+        return np.array(t.tolist(), dtype=np.dtype(str(t.dtype).replace("torch.", "")))
 
 
 def shift_in(recent: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -186,7 +192,7 @@ def compact_rest(entries: Any, keep: Tensor) -> List[Any]:
             t = t.index_select(0, keep)
         elif isinstance(t, np.ndarray):
             if keep_np is None:
-                keep_np = keep.cpu().numpy()
+                keep_np = _numpy(keep.cpu())
             t = t[keep_np]
         out.append(t)
     return out

@@ -50,7 +50,7 @@ class Anderson:
     worse than plain iteration on a map where plain iteration converges. `solver="anderson"`
     builds `Anderson()`. Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
     2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
-    12.9 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
+    12.9 state-sized buffers at m = 5 (12.4 with safeguard=False); halted rows are dropped
     in place (never two copies of the history).
 
     Args:
