@@ -224,18 +224,19 @@ class Anderson:
         (-1: safeguard off), whether the current point came from a plain step. r_prev [b,
         WINDOW]: residuals of the last accepted points (nan fails the test). The plain steps
         after a rejection keep filling the history, so that acceleration resumes with it."""
+        # (masked_fill where a branch is a constant: torch.where would make a scalar tensor)
         n_valid, wait, strikes, fell = counts.unbind(1)
         disarm = (fell > 0) & ~(r <= DISARM * r_prev[:, -1])
-        strikes = torch.where(disarm, -1, strikes)
+        strikes = strikes.masked_fill(disarm, -1)
         reject = checked & ~(r < r_prev.amax(1)) & (strikes >= 0)
         if fresh is not None:
-            reject = reject & ~fresh
+            reject.masked_fill_(fresh, False)
         strikes = strikes + reject
         wait = torch.where(reject, torch.bitwise_left_shift(1, strikes.clamp(0, 30)) - 1,
-                           torch.where(disarm, 0, wait - 1).clamp_(min=0))
-        n_valid = torch.where(reject, 0, (n_valid + 1).clamp_(max=self.m))
+                           (wait - 1).masked_fill_(disarm, 0).clamp_(min=0))
+        n_valid = (n_valid + 1).clamp_(max=self.m).masked_fill_(reject, 0)
         if fresh is not None:
-            n_valid, wait, strikes = (torch.where(fresh, 0, t) for t in (n_valid, wait, strikes))
+            n_valid, wait, strikes = (t.masked_fill_(fresh, 0) for t in (n_valid, wait, strikes))
         use = (wait == 0) & (n_valid > 0)
         fell = (~use).long()
         return reject, torch.stack((n_valid, wait, strikes, fell), 1), use, use & (strikes >= 0)
@@ -337,23 +338,24 @@ class Anderson:
             reject, counts, use, checked = self._guard(r, r_prev, checked, counts, fresh)
         else:
             reject, use = torch.zeros_like(fresh), ~fresh
-            counts = torch.where(fresh.unsqueeze(1), 0, counts + torch.tensor([1, 0, 0, 0], device=z.device)).clamp_(max=m)
+            counts = (counts + torch.tensor([1, 0, 0, 0], device=z.device)).masked_fill_(fresh.unsqueeze(1), 0).clamp_(max=m)
             checked = use
         j = torch.remainder(k - 1, m)
         # The new columns (zeros for fresh rows; non-finite entries zeroed so that a diverged
         # sample never poisons the slot's next tenant).
-        dg = torch.where(fresh.unsqueeze(1), 0.0, gf - g_prev).nan_to_num_(0.0, 0.0, 0.0)
-        col = torch.where(fresh.unsqueeze(1), 0.0, af - a_prev).nan_to_num_(0.0, 0.0, 0.0)
+        dg = (gf - g_prev).masked_fill_(fresh.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        col = (af - a_prev).masked_fill_(fresh.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
         if self.beta != 1.0:
             col.add_(dg, alpha=self.beta)
         dg_hist.index_put_((rows, j), dg)
         dz_hist.index_put_((rows, j), col)
         row = torch.bmm(dg.unsqueeze(1), dg_hist.transpose(1, 2)).squeeze(1)
-        ridge = (torch.arange(m, device=z.device) == j.unsqueeze(1)).to(z.dtype).mul_(self._lambda(z.dtype)).add_(1.0)
-        row = row * ridge   # (1 + λ on the new column's diagonal)
+        slots = torch.arange(m, device=z.device)
+        # (1 + λ on the new column's diagonal, the int path's product)
+        row = torch.where(slots == j.unsqueeze(1), row * (1.0 + self._lambda(z.dtype)), row)
         system.index_put_((rows, j), row)
         system.transpose(1, 2).index_put_((rows, j), row)
-        valid = (torch.remainder(j.unsqueeze(1) - torch.arange(m, device=z.device), m) < counts[:, :1]) & use.unsqueeze(1)
+        valid = (torch.remainder(j.unsqueeze(1) - slots, m) < counts[:, :1]) & use.unsqueeze(1)
         rhs = torch.bmm(gf.unsqueeze(1), dg_hist.transpose(1, 2)).transpose(1, 2)
         gamma = self._solve_masked(system, rhs, valid)
         z_acc = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist, alpha=-1.0).squeeze(1)

@@ -306,19 +306,17 @@ class Broyden:
         ok = denom.abs() > (self.min_denominator * (dz_norm * h_norm)).clamp_min_(_tiny(denom.dtype))
         return torch.where(ok, denom.reciprocal(), _zero(denom))
 
-    def _new_u(self, dz: Tensor, dg: Tensor, h_dg: Tensor, zt_h: Tensor, out: Optional[Tensor],
-               skip: Optional[Tensor] = None, in_place: bool = False) -> Tensor:
+    def _new_u(self, dz: Tensor, dg: Tensor, h_dg: Tensor, zt_h: Tensor, skip: Tensor) -> Tensor:
         """u = (Δz - HΔg) / (Δzᵀ H Δg), or 0 (no update) where the denominator is too small
-        or `skip` says so. in_place: Δz - HΔg may overwrite h_dg (a temporary)."""
+        or `skip` says so (the per-row step's form of the skip test of `step`)."""
         denom = torch.bmm(zt_h, dg.transpose(1, 2))                            # Δzᵀ H Δg
         scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
-        numer = torch.sub(dz, h_dg, out=h_dg if in_place else None)
-        # (floored at the smallest normal number: a subnormal denominator has no finite inverse)
-        ok = denom.abs() > (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
-        if skip is not None:
-            ok = ok & ~skip.view(-1, 1, 1)
+        # (floored at the smallest normal number: a subnormal denominator has no finite
+        # inverse; an infinite floor where skipped: no denominator passes it)
+        floor = (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
+        ok = denom.abs() > floor.masked_fill_(skip.view(-1, 1, 1), float("inf"))
         inv = torch.where(ok, denom.reciprocal(), 0.0)                          # skipped update: u = 0
-        return torch.mul(numer, inv, out=out)
+        return (dz - h_dg).mul_(inv)
 
     def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
         """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
@@ -337,10 +335,9 @@ class Broyden:
         r = torch.linalg.vector_norm(gf, dim=2).squeeze(1)
         reject = self._reject(r, r_prev, t) & ~fresh if self.line_search else torch.zeros_like(fresh)
         c = torch.remainder(k - 1, mem)
-        keep = ~fresh.view(b, 1, 1)
-        dz = torch.where(keep, zf - z_prev.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
-        dg = torch.where(keep, gf - g_prev.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
-        valid = (torch.arange(mem, device=z.device) < c.unsqueeze(1)) & ~fresh.unsqueeze(1)
+        dz = (zf - z_prev.unsqueeze(1)).masked_fill_(fresh.view(b, 1, 1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        dg = (gf - g_prev.unsqueeze(1)).masked_fill_(fresh.view(b, 1, 1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        valid = (torch.arange(mem, device=z.device) < c.unsqueeze(1)).masked_fill_(fresh.unsqueeze(1), False)
         valid = valid.unsqueeze(1).to(z.dtype)                                 # [b, 1, mem]
         rej = reject.view(b, 1, 1)
         g_from = torch.where(rej, g_prev.unsqueeze(1), gf)   # as in step(): see there
@@ -348,7 +345,7 @@ class Broyden:
         comb = torch.bmm(prods, u_hist)
         h_dg = comb[:, :1] - dg
         zt_h = (torch.bmm(torch.bmm(dz, u_hist.transpose(1, 2)) * valid, v_hist) - dz).nan_to_num_(0.0, 0.0, 0.0)
-        new_u = self._new_u(dz, dg, h_dg, zt_h, None, skip=fresh).nan_to_num_(0.0, 0.0, 0.0)
+        new_u = self._new_u(dz, dg, h_dg, zt_h, fresh).nan_to_num_(0.0, 0.0, 0.0)
         u_hist.index_put_((rows, c), new_u.squeeze(1))
         v_hist.index_put_((rows, c), zt_h.squeeze(1))
         gv = torch.bmm(zt_h, g_from.transpose(1, 2))
