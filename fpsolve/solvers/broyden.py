@@ -289,7 +289,7 @@ class Broyden:
                 g_prev, z_prev, mode = g_prev.clone(), z_prev.clone(), "guarded"
             g_prev.copy_(g_from.view(b, -1))
             torch.where(rej.view(b, 1), z_prev, zf.view(b, -1), out=z_prev)
-        z_next = torch.addcmul(z_prev.unsqueeze(1), torch.from_numpy(t).to(z.device).view(b, 1, 1), p)
+        z_next = torch.addcmul(z_prev.unsqueeze(1), torch.from_numpy(t).to(z.device, z.dtype).view(b, 1, 1), p)
         state = (u_hist, v_hist, g_prev, z_prev, count + 1, remember_host(r_prev, r, reject), t, mode)
         return z_next.view_as(fz), state
 
