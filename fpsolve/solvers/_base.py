@@ -8,8 +8,9 @@ may define its own `compact(state, keep)` when it can do better than copying eve
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Tuple, runtime_checkable
+from typing import Any, List, Protocol, Tuple, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -143,3 +144,55 @@ def write_slot(buf: Tensor, index: Tuple[Any, ...], value: Tensor) -> Tensor:
         buf = buf.clone()
     buf[index] = value
     return buf
+
+
+def to_host(*ts: Tensor) -> List[np.ndarray]:
+    """Small per-sample tensors as numpy arrays, for a step's host-side decisions.
+
+    On a CPU they are views (no op, no copy); elsewhere one transfer (a cat and a copy: the
+    step's one sync). A solver whose decisions need a sync anyway brings the numbers to the
+    host once and decides there in numpy, instead of launching a reduction, a comparison and
+    a `.item()` per decision. numpy compares and rounds as torch does (IEEE, same dtype:
+    float32 stays float32); bfloat16 has no numpy type and goes as float32.
+    """
+    ts = tuple(t.detach() for t in ts)
+    if ts[0].dtype == torch.bfloat16:
+        ts = tuple(t.float() for t in ts)
+    if ts[0].device.type == "cpu":
+        return [_numpy(t) for t in ts]
+    flat_all = torch.cat([t.reshape(-1) for t in ts]).cpu().numpy()
+    out, at = [], 0
+    for t in ts:
+        out.append(flat_all[at:at + t.numel()].reshape(tuple(t.shape)))
+        at += t.numel()
+    return out
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array: a view, or a copy for a tensor without storage (under
+    torch.func transforms)."""
+    try:
+        return t.numpy()
+    except RuntimeError:
+        return np.array(t.tolist(), dtype=np.dtype(str(t.dtype).replace("torch.", "")))
+
+
+def shift_in(recent: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """recent [b, w] (oldest first, on the host) with r appended and the oldest dropped."""
+    return np.concatenate((recent[:, 1:], r[:, None]), 1)
+
+
+def compact_rest(entries: Any, keep: Tensor) -> List[Any]:
+    """The rows `keep` of each per-sample entry: tensors on the device, numpy arrays on the
+    host (a solver's host-side bookkeeping); other entries unchanged."""
+    keep_np = None
+    out = []
+    for t in entries:
+        if isinstance(t, Tensor):
+            t = t.index_select(0, keep)
+        elif isinstance(t, np.ndarray):
+            if keep_np is None:
+                keep_np = _numpy(keep.cpu())
+            t = t[keep_np]
+        out.append(t)
+    return out

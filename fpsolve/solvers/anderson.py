@@ -22,10 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, flat, is_ascending, keep_rows, remember, write_slot
+from ._base import (State, check_positive, compact_rest, flat, is_ascending, keep_rows, remember, shift_in,
+                    to_host, write_slot)
 
 #: A plain step that multiplies a sample's residual by more than this shows that plain
 #: iteration does not contract there: the safeguard is switched off for that sample.
@@ -48,7 +50,7 @@ class Anderson:
     worse than plain iteration on a map where plain iteration converges. `solver="anderson"`
     builds `Anderson()`. Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
     2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
-    12.9 state-sized buffers at m = 5 (12.8 with safeguard=False); halted rows are dropped
+    12.9 state-sized buffers at m = 5 (12.4 with safeguard=False); halted rows are dropped
     in place (never two copies of the history).
 
     Args:
@@ -107,14 +109,15 @@ class Anderson:
         b, n, m = z.shape[0], z[0].numel(), self.m
         dg_hist = z.new_empty(b, m, n)   # slots [:filled] are valid; the rest is never read
         dz_hist = z.new_empty(b, m, n)   # columns Δz + β Δg
-        system = z.new_zeros(b, m, m)    # ΔGᵀΔG with its ridge on the diagonal
+        system = z.new_empty(b, m, m)    # ΔGᵀΔG with its ridge on the diagonal (filled slots:
+        # every entry a step reads was written before)
         # Then per sample: the residuals of the last accepted points, whether the current
-        # iterate is an accelerated one (to be checked), and its counters (see `_guard`); last,
-        # the mode: "calm" (no rejection yet: no per-sample bookkeeping), "guarded", or True
-        # once per-row stepping has zeroed the history (it reads every slot).
-        return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)), z.new_zeros(b, WINDOW),
-                torch.zeros(b, dtype=torch.bool, device=z.device),
-                torch.zeros(b, 4, dtype=torch.int64, device=z.device), False)
+        # iterate is an accelerated one (to be checked), and its counters (see `_guard`), made
+        # by the first step that needs them; last, the mode: "calm" (no rejection yet: the
+        # residuals live on the host, as numpy arrays, and the test costs no device op),
+        # "guarded" (per-sample bookkeeping on the device), or True once per-row stepping has
+        # zeroed the history (it reads every slot).
+        return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)), None, None, None, False)
 
     def _anchor(self, z: Tensor, fz: Tensor) -> Tensor:
         """The vector whose differences form the ΔZ + βΔG columns: f(z) itself when β = 1."""
@@ -147,51 +150,60 @@ class Anderson:
         gf, af = flat(g), flat(self._anchor(z, fz))
         if k == 0:  # no history yet: a plain (damped) step
             return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, *extra)
-        z_next, dg_hist, dz_hist, system = self._accelerate(dg_hist, dz_hist, system, g_prev, a_prev, z, fz, g, k)
-        return z_next, (dg_hist, dz_hist, system, gf, af, *extra)
-
-    def _accelerate(self, dg_hist: Tensor, dz_hist: Tensor, system: Tensor, g_prev: Tensor, a_prev: Tensor,
-                    z: Tensor, fz: Tensor, g: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The textbook step k >= 1 with every filled slot: (z⁺, history, Gram system)."""
-        gf, af = flat(g), flat(self._anchor(z, fz))
-        base = fz if self.beta == 1.0 else z.add(g, alpha=self.beta)
-        m = min(k, self.m)           # filled slots
-        j = (k - 1) % self.m         # the slot this step writes
-        dg_hist, dz_hist, system, hist_t, recording = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
-        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
-        # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
-        # stay on its fast path on CPU.) A sample whose system is singular (a zero column:
-        # its residual did not change) gets non-finite coefficients, zeroed: a plain step.
-        gamma = torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
+        m = min(k, self.m)
+        dg_hist, dz_hist, system, hist_t, recording = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev,
+                                                                  (k - 1) % self.m, m)
+        gamma = self._gamma(system, gf, hist_t, m)
+        # A sample whose system is singular (a zero column: its residual did not change) gets
+        # non-finite coefficients, zeroed: a plain step.
         gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
-        z_next = torch.baddbmm(flat(base).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
-        return z_next.view(base.shape), dg_hist, dz_hist, system
+        return self._mix(gf, af, gamma, dz_hist, m).view(z.shape), (dg_hist, dz_hist, system, gf, af, *extra)
+
+    @staticmethod
+    def _gamma(system: Tensor, gf: Tensor, hist_t: Tensor, m: int) -> Tensor:
+        """γ [b, m, 1] of the textbook step over the m filled slots (non-finite where singular)."""
+        # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
+        # stay on its fast path on CPU.)
+        rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
+        return torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
+
+    def _mix(self, gf: Tensor, af: Tensor, gamma: Tensor, dz_hist: Tensor, m: int) -> Tensor:
+        """z⁺ = z + βg - (ΔZ + βΔG) γ, [b, 1, n]."""
+        return torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
 
     def _write(self, dg_hist: Tensor, dz_hist: Tensor, system: Tensor, gf: Tensor, af: Tensor,
                g_prev: Tensor, a_prev: Tensor, j: int, m: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, bool]:
         """Write the new columns into slot j and its Gram row against the m filled slots;
         returns the history, the system, ΔGᵀ of the filled slots, and whether autograd records."""
         recording = torch.is_grad_enabled() and gf.requires_grad   # Unroll: no in-place on saved tensors
+        ridge = 1.0 + self._lambda(gf.dtype)
+        # The ridge is relative to each column's own squared norm (Levenberg-Marquardt
+        # scaling): the diagonally scaled system has eigenvalues in [λ, m + λ], so it stays
+        # well conditioned, and only the new column's diagonal entry changes. (bmm with the
+        # thin operand first is several times faster than with the history first.)
         if recording:
             dg = gf - g_prev
             col = af - a_prev if self.beta == 1.0 else (af - a_prev) + self.beta * dg
             dg_hist = write_slot(dg_hist, (slice(None), j), dg)
             dz_hist = write_slot(dz_hist, (slice(None), j), col)
-        else:
-            dg = torch.sub(gf, g_prev, out=dg_hist[:, j])
-            col = torch.sub(af, a_prev, out=dz_hist[:, j])       # Δf (β = 1) or Δz
-            if self.beta != 1.0:
-                col.add_(dg, alpha=self.beta)
-        # New Gram row (column j against all filled). (bmm with the thin operand first is
-        # several times faster than with the history first.)
+            hist_t = dg_hist[:, :m].transpose(1, 2)
+            row = torch.bmm(dg.unsqueeze(1), hist_t).squeeze(1)
+            row[:, j] *= ridge   # (autograd-safe: bmm saves only its inputs)
+            system = write_slot(system, (slice(None), j, slice(0, m)), row)
+            system = write_slot(system, (slice(None), slice(0, m), j), row)
+            return dg_hist, dz_hist, system, hist_t, recording
+        dg = torch.sub(gf, g_prev, out=dg_hist[:, j])
+        col = torch.sub(af, a_prev, out=dz_hist[:, j])       # Δf (β = 1) or Δz
+        if self.beta != 1.0:
+            col.add_(dg, alpha=self.beta)
         hist_t = dg_hist[:, :m].transpose(1, 2)
+        # The new Gram row, its ridge on the diagonal entry, then into row j and column j (the
+        # same numbers: the system stays exactly symmetric). (Row j cannot be copied into
+        # column j directly: they share the diagonal entry, and torch refuses the overlap.)
         row = torch.bmm(dg.unsqueeze(1), hist_t).squeeze(1)
-        # The ridge is relative to each column's own squared norm (Levenberg-Marquardt
-        # scaling): the diagonally scaled system has eigenvalues in [λ, m + λ], so it stays
-        # well conditioned, and only the new column's diagonal entry changes.
-        row[:, j] *= 1.0 + self._lambda(gf.dtype)   # (autograd-safe: bmm saves only its inputs)
-        system = write_slot(system, (slice(None), j, slice(0, m)), row)
-        system = write_slot(system, (slice(None), slice(0, m), j), row)
+        row[:, j].mul_(ridge)
+        system[:, j, :m].copy_(row)
+        system[:, :m, j].copy_(row)
         return dg_hist, dz_hist, system, hist_t, recording
 
     def _solve_masked(self, system: Tensor, rhs: Tensor, valid: Tensor) -> Tensor:
@@ -212,18 +224,19 @@ class Anderson:
         (-1: safeguard off), whether the current point came from a plain step. r_prev [b,
         WINDOW]: residuals of the last accepted points (nan fails the test). The plain steps
         after a rejection keep filling the history, so that acceleration resumes with it."""
+        # (masked_fill where a branch is a constant: torch.where would make a scalar tensor)
         n_valid, wait, strikes, fell = counts.unbind(1)
         disarm = (fell > 0) & ~(r <= DISARM * r_prev[:, -1])
-        strikes = torch.where(disarm, -1, strikes)
+        strikes = strikes.masked_fill(disarm, -1)
         reject = checked & ~(r < r_prev.amax(1)) & (strikes >= 0)
         if fresh is not None:
-            reject = reject & ~fresh
+            reject.masked_fill_(fresh, False)
         strikes = strikes + reject
         wait = torch.where(reject, torch.bitwise_left_shift(1, strikes.clamp(0, 30)) - 1,
-                           torch.where(disarm, 0, wait - 1).clamp_(min=0))
-        n_valid = torch.where(reject, 0, (n_valid + 1).clamp_(max=self.m))
+                           (wait - 1).masked_fill_(disarm, 0).clamp_(min=0))
+        n_valid = (n_valid + 1).clamp_(max=self.m).masked_fill_(reject, 0)
         if fresh is not None:
-            n_valid, wait, strikes = (torch.where(fresh, 0, t) for t in (n_valid, wait, strikes))
+            n_valid, wait, strikes = (t.masked_fill_(fresh, 0) for t in (n_valid, wait, strikes))
         use = (wait == 0) & (n_valid > 0)
         fell = (~use).long()
         return reject, torch.stack((n_valid, wait, strikes, fell), 1), use, use & (strikes >= 0)
@@ -233,39 +246,47 @@ class Anderson:
         gf, af = flat(g), flat(self._anchor(z, fz))
         r = torch.linalg.vector_norm(gf.detach(), dim=1)
         recording = torch.is_grad_enabled() and g.requires_grad
-        if k == 0:
-            r_prev = r.unsqueeze(1).expand(-1, WINDOW)
-            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, "calm")
+        if k == 0:   # (r_prev: the first residual, on the device until the first sync)
+            return self._plain(g, self._anchor(z, fz)), (dg_hist, dz_hist, system, gf, af, r, checked, counts, "calm")
+        m = min(k, self.m)
+        # The new columns and Gram row: every path writes them alike.
+        dg_hist, dz_hist, system, hist_t, _ = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev,
+                                                          (k - 1) % self.m, m)
         if mode == "calm":
-            # Until a first rejection, every sample accelerates with its whole history, and
-            # the step is the textbook one plus a residual test and one host sync (a bool).
+            # Until a first rejection, every sample accelerates with its whole history: the
+            # textbook step, whose one host sync brings the residuals and γ to the host, where
+            # the residual test, the window of residuals and γ's finiteness are decided (numpy).
+            gamma = self._gamma(system, gf, hist_t, m)
             if k == 1:   # the first step was plain: where it raised the residual by more than
-                checked = r <= DISARM * r_prev[:, -1]   # DISARM, the safeguard stands down
+                r0, rh, gh = to_host(r_prev, r, gamma)          # DISARM, the safeguard stands down
+                r_prev, checked = np.repeat(r0[:, None], WINDOW, 1), rh <= DISARM * r0
                 calm = True
             else:
-                calm = not bool((checked & ~(r < r_prev.amax(1))).any())
+                rh, gh = to_host(r, gamma)
+                calm = not (checked & ~(rh < r_prev.max(1))).any()
             if calm:
-                z_next, dg_hist, dz_hist, system = self._accelerate(dg_hist, dz_hist, system, g_prev, a_prev, z, fz, g, k)
-                r_prev = torch.cat((r_prev[:, 1:], r.unsqueeze(1)), 1)
-                return z_next, (dg_hist, dz_hist, system, gf, af, r_prev, checked, counts, "calm")
-            # The first rejection: the per-sample bookkeeping from here on (see `_guard`).
+                if not np.isfinite(gh).all():   # singular systems: a plain step for those samples
+                    gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
+                z_next = self._mix(gf, af, gamma, dz_hist, m)
+                return z_next.view(z.shape), (dg_hist, dz_hist, system, gf, af, shift_in(r_prev, rh), checked,
+                                              counts, "calm")
+            # The first rejection: the per-sample bookkeeping from here on, on the device (see `_guard`).
             b = z.shape[0]
+            r_prev = torch.from_numpy(r_prev).to(z.device)
+            checked = torch.from_numpy(checked).to(z.device)
             counts = torch.zeros(b, 4, dtype=torch.int64, device=z.device)
             counts[:, 0] = min(k - 1, self.m)
             counts[:, 2] = torch.where(checked, 0, -1)
             if not recording:   # (own copies of the last point, updated in place below)
                 g_prev, a_prev = g_prev.clone(), a_prev.clone()
         reject, counts, use, checked = self._guard(r, r_prev, checked, counts)
-        m = min(k, self.m)
         j = (k - 1) % self.m
-        dg_hist, dz_hist, system, hist_t, _ = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev, j, m)
         # Slot i was written (j - i) mod m steps ago; it is valid while younger than n_valid.
         age = torch.remainder(j - torch.arange(m, device=z.device), self.m)
         valid = (age < counts[:, :1]) & use.unsqueeze(1)
         rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
         gamma = self._solve_masked(system[:, :m, :m], rhs, valid)
-        z_next = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist[:, :m], alpha=-1.0)
-        z_next = z_next.squeeze(1)
+        z_next = self._mix(gf, af, gamma, dz_hist, m).squeeze(1)
         # A rejected sample goes back to the point the rejected iterate came from and takes
         # its plain step (known already: no extra evaluation); that point stays its last.
         rej = reject.unsqueeze(1)
@@ -294,16 +315,22 @@ class Anderson:
         owned = rest[-1] == "guarded"   # (otherwise g_prev, a_prev are views of the loop's tensors)
         return (keep_rows(dg_hist, keep, ok), keep_rows(dz_hist, keep, ok), system.index_select(0, keep),
                 keep_rows(g_prev, keep, ok and owned), keep_rows(a_prev, keep, ok and owned),
-                *(t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest))
+                *compact_rest(rest, keep))
 
     def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
         """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
         no host sync; slots are written per row with index_put and read through masks."""
         dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, zeroed = state
+        b = z.shape[0]
         if zeroed is not True:   # (once) slots not yet written must hold finite numbers: they meet 0·x
             dg_hist.zero_()
             dz_hist.zero_()
-        m, rows = self.m, torch.arange(z.shape[0], device=z.device)
+            system.zero_()
+        if not isinstance(counts, Tensor):   # (the per-sample bookkeeping, made on first use)
+            r_prev = z.new_zeros(b, WINDOW)
+            checked = torch.zeros(b, dtype=torch.bool, device=z.device)
+            counts = torch.zeros(b, 4, dtype=torch.int64, device=z.device)
+        m, rows = self.m, torch.arange(b, device=z.device)
         gf, af = flat(g), flat(self._anchor(z, fz))
         fresh = k == 0
         r = torch.linalg.vector_norm(gf, dim=1)
@@ -311,23 +338,24 @@ class Anderson:
             reject, counts, use, checked = self._guard(r, r_prev, checked, counts, fresh)
         else:
             reject, use = torch.zeros_like(fresh), ~fresh
-            counts = torch.where(fresh.unsqueeze(1), 0, counts + torch.tensor([1, 0, 0, 0], device=z.device)).clamp_(max=m)
+            counts = (counts + torch.tensor([1, 0, 0, 0], device=z.device)).masked_fill_(fresh.unsqueeze(1), 0).clamp_(max=m)
             checked = use
         j = torch.remainder(k - 1, m)
         # The new columns (zeros for fresh rows; non-finite entries zeroed so that a diverged
         # sample never poisons the slot's next tenant).
-        dg = torch.where(fresh.unsqueeze(1), 0.0, gf - g_prev).nan_to_num_(0.0, 0.0, 0.0)
-        col = torch.where(fresh.unsqueeze(1), 0.0, af - a_prev).nan_to_num_(0.0, 0.0, 0.0)
+        dg = (gf - g_prev).masked_fill_(fresh.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        col = (af - a_prev).masked_fill_(fresh.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
         if self.beta != 1.0:
             col.add_(dg, alpha=self.beta)
         dg_hist.index_put_((rows, j), dg)
         dz_hist.index_put_((rows, j), col)
         row = torch.bmm(dg.unsqueeze(1), dg_hist.transpose(1, 2)).squeeze(1)
-        ridge = (torch.arange(m, device=z.device) == j.unsqueeze(1)).to(z.dtype).mul_(self._lambda(z.dtype)).add_(1.0)
-        row = row * ridge   # (1 + λ on the new column's diagonal)
+        slots = torch.arange(m, device=z.device)
+        # (1 + λ on the new column's diagonal, the int path's product)
+        row = torch.where(slots == j.unsqueeze(1), row * (1.0 + self._lambda(z.dtype)), row)
         system.index_put_((rows, j), row)
         system.transpose(1, 2).index_put_((rows, j), row)
-        valid = (torch.remainder(j.unsqueeze(1) - torch.arange(m, device=z.device), m) < counts[:, :1]) & use.unsqueeze(1)
+        valid = (torch.remainder(j.unsqueeze(1) - slots, m) < counts[:, :1]) & use.unsqueeze(1)
         rhs = torch.bmm(gf.unsqueeze(1), dg_hist.transpose(1, 2)).transpose(1, 2)
         gamma = self._solve_masked(system, rhs, valid)
         z_acc = torch.baddbmm(self._plain(gf, af).unsqueeze(1), gamma.transpose(1, 2), dz_hist, alpha=-1.0).squeeze(1)

@@ -19,12 +19,13 @@ rejected trial leaves the estimate unchanged; each trial is one evaluation of f.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, is_ascending, keep_rows, remember, write_slot
+from ._base import State, check_positive, compact_rest, is_ascending, keep_rows, remember, shift_in, to_host, write_slot
 
 #: Armijo's sufficient-decrease constant on the residual norm.
 ARMIJO = 1e-4
@@ -35,6 +36,29 @@ MAX_BACKTRACKS = 5
 WINDOW = 10
 
 
+_ZEROS: Dict[Any, Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    """A cached 0-dim zero of like's dtype and device (a Python 0.0 in torch.where makes a
+    scalar tensor, one more op, at every call)."""
+    key = (like.dtype, like.device)
+    t = _ZEROS.get(key)
+    if t is None:
+        t = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return t
+
+
+def _tiny(dtype: Any) -> float:
+    """The smallest normal number of a torch or numpy float dtype."""
+    return float(torch.finfo(dtype).tiny) if isinstance(dtype, torch.dtype) else float(np.finfo(dtype).tiny)
+
+
+def remember_host(recent: np.ndarray, r: np.ndarray, reject: np.ndarray) -> np.ndarray:
+    """`remember` on the host: recent [b, w], oldest first, with r appended where not reject."""
+    return np.where(reject[:, None], recent, shift_in(recent, r))
+
+
 @dataclass(frozen=True)
 class Broyden:
     """Limited-memory "good" Broyden with at most `memory` rank-one pairs (per sample).
@@ -43,7 +67,7 @@ class Broyden:
     first step is plain iteration) and gets one rank-one update per step; when `memory` pairs
     are stored it restarts from -I. `solver="broyden"` builds `Broyden()`. Memory (measured, benchmarks/memory_solvers.py): 2·memory state-sized vectors
     per sample, plus 2 (g and z of the last accepted point) and about 5 of step temporaries
-    at the peak: 36.6 state-sized buffers at memory = 15 (either line_search);
+    at the peak: 37.4 state-sized buffers at memory = 15 (38.1 with line_search=False);
     halted rows are dropped in place (never two copies of the pairs).
 
     Args:
@@ -96,10 +120,12 @@ class Broyden:
         u = z.new_empty(b, self.memory, n)   # slots [:count] are valid; the rest is never read
         v = z.new_empty(b, self.memory, n)
         # Then the pair count (int), per sample the residual norms at the last accepted points
-        # and the step length of the current trial; last, the mode: "calm" (no sample
-        # backtracking: g_prev, z_prev are the loop's tensors), "guarded" (own copies, updated
-        # in place), or True once per-row stepping has zeroed u and v (it reads every pair).
-        return (u, v, g.reshape(b, n), z.reshape(b, n), 0, z.new_zeros(b, WINDOW), z.new_ones(b), False)
+        # and the step length of the current trial (made by the first step that needs them: in
+        # `solve` they live on the host, as numpy arrays, where the line search decides); last,
+        # the mode: "calm" (no sample backtracking: g_prev, z_prev are the loop's tensors),
+        # "guarded" (own copies, updated in place), or True once per-row stepping has zeroed
+        # u and v (it reads every pair).
+        return (u, v, g.reshape(b, n), z.reshape(b, n), 0, None, None, False)
 
     def compact(self, state: State, keep: Tensor) -> State:
         """Drop halted rows, moving only the filled pairs, in place.
@@ -125,7 +151,7 @@ class Broyden:
                 u2[:, :count] = u[:, :count].index_select(0, keep)
                 v2[:, :count] = v[:, :count].index_select(0, keep)
         owned = ok and rest[-1] == "guarded"   # (otherwise views of the loop's g and z)
-        rest = [t.index_select(0, keep) if isinstance(t, Tensor) else t for t in rest]
+        rest = compact_rest(rest, keep)
         return (u2, v2, keep_rows(g_prev, keep, owned), keep_rows(z_prev, keep, owned), count, *rest)
 
     def step(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: int | Tensor) -> Tuple[Tensor, State]:
@@ -148,115 +174,149 @@ class Broyden:
         u_hist, v_hist, g_prev, z_prev, count, r_prev, t, mode = state
         b = z.shape[0]
         gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
-        r = torch.linalg.vector_norm(gf.detach(), dim=2).squeeze(1) if self.line_search else None
+        if k == 0:  # H = -I: the Newton step -H g is g, i.e. plain iteration
+            # (r_prev: the first residual norm, on the device until the next step's sync)
+            r = torch.linalg.vector_norm(gf.detach(), dim=2).squeeze(1) if self.line_search else None
+            return fz, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), 0, r, t, "calm")
+        if count == self.memory:  # memory full: restart from H = -I
+            count = 0
         # In a plain solve the new pair is written straight into its slot (out=) and the
         # temporaries are reused in place; when autograd records the step (Unroll), nothing
         # saved for backward is overwritten (write_slot copies the history instead).
         recording = torch.is_grad_enabled() and g.requires_grad
-        if k == 0:  # H = -I: the Newton step -H g is g, i.e. plain iteration
-            if r is not None:
-                r_prev = r.unsqueeze(1).expand(b, WINDOW)
-            return fz, (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), 0, r_prev, t, "calm")
-        if count == self.memory:  # memory full: restart from H = -I
-            count = 0
-        if not self.line_search:
-            reject = None
-        elif mode == "calm":   # (every t is 1: Armijo's test alone)
-            reject = ~(r <= (1.0 - ARMIJO) * r_prev.amax(1))
+        # The step's vectors side by side in one buffer x [b, 5, n]: Δg and g (their products
+        # with the v_i in one bmm), Δz, then -HΔg and g - Σ u_i (v_i·g) (written over the
+        # products Σ u_i v_i·Δg, Σ u_i v_i·g); one norm of rows 1-3 then gives ||g||, ||Δz|| and
+        # ||HΔg||. x is made from copies of g and z (one cat), then one subtraction makes rows
+        # 0 and 3 Δg, another row 2 Δz. (Without the line search, f(z) - Σ u_i (v_i·g) instead,
+        # from a copy of f(z) in a sixth row.)
+        first = gf if self.line_search else fz.reshape(b, 1, -1)
+        if recording:
+            dg = gf - g_prev.unsqueeze(1)
+            x = torch.cat((dg, gf, zf - z_prev.unsqueeze(1), dg, first), 1)
         else:
-            reject = self._reject(r, r_prev, t)
-        if reject is not None:
-            if not bool(reject.any()):   # (one host sync) no sample backtracks: a plain step
-                reject = None
-            elif mode != "guarded" and not recording:   # (own the anchors: updated in place)
-                g_prev, z_prev, mode = g_prev.clone(), z_prev.clone(), "guarded"
-        # With the line search, a rejected sample steps again from its accepted point z_a
-        # (with g_a), the estimate updated by the trial all the same (a true secant pair).
-        rej = None if reject is None else reject.view(b, 1, 1)
-        dz = zf - z_prev.unsqueeze(1)
+            x = torch.cat((gf, gf, zf, gf, gf) if self.line_search else (gf, gf, zf, gf, gf, first), 1)
+            x[:, 0:4:3].sub_(g_prev.unsqueeze(1))
+            x[:, 2:3].sub_(z_prev.unsqueeze(1))
+        dz = x[:, 2:3]
         u, v = u_hist[:, :count], v_hist[:, :count]
         v_slot = None if recording else v_hist[:, count:count + 1]
         if count:
-            # (Δg, g) side by side, their products with the v_i, then both combinations of
-            # the u_i in one pass over U: comb = (Σ u_i v_i·Δg, Σ u_i v_i·g).
+            pv = torch.bmm(x[:, :2], v.transpose(1, 2))
             if recording:
-                dg = gf - g_prev.unsqueeze(1)
-                g_from = gf if rej is None else torch.where(rej, g_prev.unsqueeze(1), gf)
-                work = torch.cat((dg, g_from), dim=1)
+                x = torch.cat((x[:, :3], x[:, 3:] - torch.bmm(pv, u)), 1)
             else:
-                work = gf.new_empty(b, 2, gf.shape[2])
-                dg = torch.sub(gf, g_prev.unsqueeze(1), out=work[:, :1])
-                g_from = work[:, 1:]
-                if rej is None:
-                    g_from.copy_(gf)
-                else:
-                    torch.where(rej, g_prev.unsqueeze(1), gf, out=g_from)
-            comb = torch.bmm(torch.bmm(work, v.transpose(1, 2)), u)            # [b, 2, n]
-            h_dg = torch.sub(comb[:, :1], dg, out=None if recording else comb[:, :1])   # H Δg
+                torch.bmm(pv, u, out=x[:, 3:5])
+                torch.sub(x[:, :2] if self.line_search else x[:, 0:6:5], x[:, 3:5], out=x[:, 3:5])
+            del pv
             zt_h = torch.bmm(torch.bmm(dz, u.transpose(1, 2)), v, out=v_slot)
             zt_h = zt_h - dz if recording else zt_h.sub_(dz)                     # Δzᵀ H
-        else:
-            dg = gf - g_prev.unsqueeze(1)
-            g_from = gf if rej is None else torch.where(rej, g_prev.unsqueeze(1), gf)
-            h_dg = -dg
+        else:   # (H = -I: -HΔg = Δg and g stand as they are)
             zt_h = torch.neg(dz, out=v_slot)
-        new_u = self._new_u(dz, dg, h_dg, zt_h, None if recording else u_hist[:, count:count + 1],
-                            in_place=not recording)
-        del dz, dg, h_dg
+        denom = torch.bmm(zt_h, x[:, :1].transpose(1, 2))                         # Δzᵀ H Δg
+        gv = torch.bmm(zt_h, x[:, 1:2].transpose(1, 2))                           # v_new·g
+        norms = torch.linalg.vector_norm(x[:, 1:4].detach(), dim=2)
+        reject: Optional[np.ndarray] = None
+        if self.line_search:
+            # The step's one host sync: the norms and the update's denominators go to the
+            # host, where the line search and the skip test are decided (numpy compares and
+            # rounds as torch does: the same decisions).
+            if k == 1:
+                r0, nh, dh = to_host(r_prev, norms, denom)
+                r_prev, t = np.repeat(r0[:, None], WINDOW, 1), np.ones_like(r0)
+            else:
+                nh, dh = to_host(norms, denom)
+            r = nh[:, 0]
+            if mode == "calm":   # (every t is 1: Armijo's test alone)
+                reject = ~(r <= (1.0 - ARMIJO) * r_prev.max(1))
+            else:
+                reject = self._reject(r, r_prev, t)
+            if not reject.any():
+                reject = None
+            # 1 / (Δzᵀ H Δg), or 0 (no update) where it is too small relative to |Δz|·|H Δg|
+            # (floored at the smallest normal number: a subnormal has no finite inverse).
+            # The inverse is taken on the host too (numpy divides as torch does), except when
+            # autograd records the step: then it is taken on the device, in the graph.
+            d = dh.reshape(b)
+            ok = np.abs(d) > np.maximum(self.min_denominator * (nh[:, 1] * nh[:, 2]), _tiny(d.dtype))
+            if recording:
+                inv = torch.where(torch.from_numpy(ok).to(z.device).view(b, 1, 1), denom.reciprocal(), _zero(denom))
+            else:
+                with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+                    inv = np.where(ok, 1.0 / d, 0.0).astype(d.dtype)
+                inv = torch.from_numpy(inv).to(z.device, denom.dtype).view(b, 1, 1)
+        else:   # (no sync: the skip test on the device)
+            inv = self._inverse(denom, norms[:, 1:2].unsqueeze(2), norms[:, 2:3].unsqueeze(2))
+        # u = (Δz - HΔg) / (Δzᵀ H Δg), into its slot
         if recording:
+            new_u = (dz + x[:, 3:4]) * inv
             u_hist = write_slot(u_hist, (slice(None), count), new_u.squeeze(1))
             v_hist = write_slot(v_hist, (slice(None), count), zt_h.squeeze(1))
-        # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = f(z) - Σ u_i (v_i·g).
-        gv = torch.bmm(zt_h, g_from.transpose(1, 2))
-        if rej is None:
-            # (with the line search, z + p as below, so that every path rounds alike)
-            first = gf if self.line_search else fz.reshape(new_u.shape)
-            if not count:
-                z_next = torch.addcmul(first, gv, new_u, value=-1.0)
-            elif recording:
-                z_next = torch.addcmul(first - comb[:, 1:], gv, new_u, value=-1.0)
-            else:
-                z_next = torch.sub(first, comb[:, 1:]).addcmul_(gv, new_u, value=-1.0)
-            if self.line_search:
-                z_next = z_next + zf if recording else z_next.add_(zf)
-                r_prev = torch.cat((r_prev[:, 1:], r.unsqueeze(1)), 1)
-                t = t if mode == "calm" else torch.ones_like(t)
-            return z_next.view_as(fz), (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1, r_prev, t, "calm")
-        # z⁺ = z_a + t·p (a rejected sample: its accepted point, t halved) or z + p.
-        if not count:
-            p = torch.addcmul(g_from, gv, new_u, value=-1.0)
-        elif recording:
-            p = torch.addcmul(g_from - comb[:, 1:], gv, new_u, value=-1.0)
         else:
-            p = torch.sub(g_from, comb[:, 1:], out=comb[:, 1:]).addcmul_(gv, new_u, value=-1.0)
-        t = torch.where(reject, 0.5 * t, 1.0)
+            new_u = torch.add(dz, x[:, 3:4], out=u_hist[:, count:count + 1]).mul_(inv)
+        if reject is None:
+            # Step -H⁺g = g - Σ u_i (v_i·g), the new pair included: z⁺ = z + p (with the line
+            # search, as below, so that every path rounds alike), or f(z) - Σ u_i (v_i·g).
+            if recording or not self.line_search:
+                z_next = torch.addcmul(x[:, 4:5] if count or recording else first, gv, new_u, value=-1.0)
+            else:
+                z_next = x[:, 4:5].addcmul_(gv, new_u, value=-1.0)
+            if self.line_search:
+                z_next = torch.add(z_next, zf)   # (a new tensor: x is not kept)
+                r_prev, t = shift_in(r_prev, r), t if mode == "calm" else np.ones_like(t)
+            return z_next.view_as(fz), (u_hist, v_hist, gf.view(b, -1), zf.view(b, -1), count + 1, r_prev, t, "calm")
+        # A rejected sample steps again from its accepted point z_a (with g_a), the estimate
+        # updated by the trial all the same (a true secant pair): z⁺ = z_a + t·p, t halved; the
+        # others take z + p. The products with the v_i are taken again with g_a in row 1 (row
+        # 3, -HΔg, is not recomputed: a row of a product does not depend on the other rows).
+        rej = torch.from_numpy(reject).to(z.device).view(b, 1, 1)
+        if recording:
+            g_from = torch.where(rej, g_prev.unsqueeze(1), gf)
+            x = torch.cat((x[:, :1], g_from), 1)
+            p = g_from if not count else g_from - torch.bmm(torch.bmm(x, v.transpose(1, 2)), u)[:, 1:]
+            p = torch.addcmul(p, torch.bmm(zt_h, g_from.transpose(1, 2)), new_u, value=-1.0)
+        else:
+            g_from = torch.where(rej, g_prev.unsqueeze(1), gf, out=x[:, 1:2])
+            p = x[:, 4:5].copy_(g_from)
+            if count:
+                p.sub_(torch.bmm(torch.bmm(x[:, :2], v.transpose(1, 2)), u)[:, 1:])
+            p.addcmul_(torch.bmm(zt_h, g_from.transpose(1, 2)), new_u, value=-1.0)
+        t = np.where(reject, 0.5 * t, 1.0).astype(t.dtype)
         if recording:
             g_prev, z_prev = g_from.view(b, -1), torch.where(rej, z_prev.unsqueeze(1), zf).view(b, -1)
         else:
+            if mode != "guarded":   # (own the anchors: updated in place from here on)
+                g_prev, z_prev, mode = g_prev.clone(), z_prev.clone(), "guarded"
             g_prev.copy_(g_from.view(b, -1))
-            torch.where(reject.view(b, 1), z_prev, zf.view(b, -1), out=z_prev)
-        z_next = torch.addcmul(z_prev.unsqueeze(1), t.view(b, 1, 1), p)
-        state = (u_hist, v_hist, g_prev, z_prev, count + 1, remember(r_prev, r, reject), t, mode)
+            torch.where(rej.view(b, 1), z_prev, zf.view(b, -1), out=z_prev)
+        z_next = torch.addcmul(z_prev.unsqueeze(1), torch.from_numpy(t).to(z.device, z.dtype).view(b, 1, 1), p)
+        state = (u_hist, v_hist, g_prev, z_prev, count + 1, remember_host(r_prev, r, reject), t, mode)
         return z_next.view_as(fz), state
 
     @staticmethod
-    def _reject(r: Tensor, r_prev: Tensor, t: Tensor) -> Tensor:
-        """Armijo's test failed (nan fails it) and the step may still be halved."""
-        return ~(r <= (1.0 - ARMIJO * t) * r_prev.amax(1)) & (t > 2.0 ** -MAX_BACKTRACKS)
+    def _reject(r: Any, r_prev: Any, t: Any) -> Any:
+        """Armijo's test failed (nan fails it) and the step may still be halved (tensors on
+        the device, or numpy arrays on the host: the same arithmetic)."""
+        top = r_prev.amax(1) if isinstance(r_prev, Tensor) else r_prev.max(1)
+        return ~(r <= (1.0 - ARMIJO * t) * top) & (t > 2.0 ** -MAX_BACKTRACKS)
 
-    def _new_u(self, dz: Tensor, dg: Tensor, h_dg: Tensor, zt_h: Tensor, out: Optional[Tensor],
-               skip: Optional[Tensor] = None, in_place: bool = False) -> Tensor:
+    def _inverse(self, denom: Tensor, dz_norm: Tensor, h_norm: Tensor) -> Tensor:
+        """1 / (Δzᵀ H Δg), or 0 (no update) where it is too small relative to |Δz|·|H Δg| (on
+        the device; floored at the smallest normal number: a subnormal has no finite inverse)."""
+        ok = denom.abs() > (self.min_denominator * (dz_norm * h_norm)).clamp_min_(_tiny(denom.dtype))
+        return torch.where(ok, denom.reciprocal(), _zero(denom))
+
+    def _new_u(self, dz: Tensor, dg: Tensor, h_dg: Tensor, zt_h: Tensor, skip: Tensor) -> Tensor:
         """u = (Δz - HΔg) / (Δzᵀ H Δg), or 0 (no update) where the denominator is too small
-        or `skip` says so. in_place: Δz - HΔg may overwrite h_dg (a temporary)."""
+        or `skip` says so (the per-row step's form of the skip test of `step`)."""
         denom = torch.bmm(zt_h, dg.transpose(1, 2))                            # Δzᵀ H Δg
         scale = torch.linalg.vector_norm(dz, dim=2, keepdim=True) * torch.linalg.vector_norm(h_dg, dim=2, keepdim=True)
-        numer = torch.sub(dz, h_dg, out=h_dg if in_place else None)
-        # (floored at the smallest normal number: a subnormal denominator has no finite inverse)
-        ok = denom.abs() > (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
-        if skip is not None:
-            ok = ok & ~skip.view(-1, 1, 1)
+        # (floored at the smallest normal number: a subnormal denominator has no finite
+        # inverse; an infinite floor where skipped: no denominator passes it)
+        floor = (self.min_denominator * scale).clamp_min_(torch.finfo(denom.dtype).tiny)
+        ok = denom.abs() > floor.masked_fill_(skip.view(-1, 1, 1), float("inf"))
         inv = torch.where(ok, denom.reciprocal(), 0.0)                          # skipped update: u = 0
-        return torch.mul(numer, inv, out=out)
+        return (dz - h_dg).mul_(inv)
 
     def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
         """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
@@ -267,16 +327,17 @@ class Broyden:
             u_hist.zero_()
             v_hist.zero_()
         b, mem = z.shape[0], self.memory
+        if not isinstance(t, Tensor):   # (the per-row bookkeeping, made on first use)
+            r_prev, t = z.new_zeros(b, WINDOW), z.new_ones(b)
         rows = torch.arange(b, device=z.device)
         gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
         fresh = k == 0
         r = torch.linalg.vector_norm(gf, dim=2).squeeze(1)
         reject = self._reject(r, r_prev, t) & ~fresh if self.line_search else torch.zeros_like(fresh)
         c = torch.remainder(k - 1, mem)
-        keep = ~fresh.view(b, 1, 1)
-        dz = torch.where(keep, zf - z_prev.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
-        dg = torch.where(keep, gf - g_prev.unsqueeze(1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
-        valid = (torch.arange(mem, device=z.device) < c.unsqueeze(1)) & ~fresh.unsqueeze(1)
+        dz = (zf - z_prev.unsqueeze(1)).masked_fill_(fresh.view(b, 1, 1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        dg = (gf - g_prev.unsqueeze(1)).masked_fill_(fresh.view(b, 1, 1), 0.0).nan_to_num_(0.0, 0.0, 0.0)
+        valid = (torch.arange(mem, device=z.device) < c.unsqueeze(1)).masked_fill_(fresh.unsqueeze(1), False)
         valid = valid.unsqueeze(1).to(z.dtype)                                 # [b, 1, mem]
         rej = reject.view(b, 1, 1)
         g_from = torch.where(rej, g_prev.unsqueeze(1), gf)   # as in step(): see there
@@ -284,7 +345,7 @@ class Broyden:
         comb = torch.bmm(prods, u_hist)
         h_dg = comb[:, :1] - dg
         zt_h = (torch.bmm(torch.bmm(dz, u_hist.transpose(1, 2)) * valid, v_hist) - dz).nan_to_num_(0.0, 0.0, 0.0)
-        new_u = self._new_u(dz, dg, h_dg, zt_h, None, skip=fresh).nan_to_num_(0.0, 0.0, 0.0)
+        new_u = self._new_u(dz, dg, h_dg, zt_h, fresh).nan_to_num_(0.0, 0.0, 0.0)
         u_hist.index_put_((rows, c), new_u.squeeze(1))
         v_hist.index_put_((rows, c), zt_h.squeeze(1))
         gv = torch.bmm(zt_h, g_from.transpose(1, 2))
