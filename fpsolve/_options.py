@@ -58,7 +58,7 @@ class Options:
     halting: str = "sample"
     backward: Optional[Backward] = None
     record: bool = False
-    check_every: int = DEFAULT_CHECK_EVERY
+    check_every: Optional[int] = None   # None: solve predicts each look (see _sample_loop); stream: 4
     correction: Optional[Correction] = None
     min_iter: int = 1
     given: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -81,7 +81,7 @@ class Options:
         backward = make_backward(o.get("backward", "none"))
         record = as_bool("record", o.get("record", False))
         every = o["check_every"]
-        every = DEFAULT_CHECK_EVERY if every is None else as_int("check_every", every)
+        every = None if every is None else as_int("check_every", every)
         correction = o.get("correction")
         check_correction(correction, max_iter)
         min_iter = 1 if o["min_iter"] is None else as_int("min_iter", o["min_iter"])
@@ -123,7 +123,7 @@ class Options:
         parts = [f"solver={self.given.get('solver', self.solver)!r}",
                  f"backward={self.given.get('backward', self.backward)!r}",
                  f"atol={self.rule.atol:g}", f"rtol={self.rule.rtol:g}", f"norm={self.rule.norm!r}",
-                 f"max_iter={self.max_iter}", f"halting={self.halting!r}", f"check_every={self.check_every}"]
+                 f"max_iter={self.max_iter}", f"halting={self.halting!r}", f"check_every={self.check_every or 'auto'}"]
         if self.criterion is not None:
             parts.append(f"criterion={self.criterion!r}")
         if self.correction is not None:

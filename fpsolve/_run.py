@@ -29,7 +29,7 @@ class Run:
     per_sample: bool = True
     criterion: Optional[PackedCriterion] = None
     record: bool = False
-    check_every: int = 1
+    check_every: Optional[int] = 1   # None: looks placed by prediction (halting="sample")
     round_fn: Optional[Callable[[Tensor], Tensor]] = None
     path_passes: Tuple[int, ...] = field(default=())
     min_iter: int = 1

@@ -1,6 +1,7 @@
 """halting="sample": every sample stops at its own pass; stopped rows leave f's batch.
 
-The host looks every `check_every` passes. Between two looks a pass is f, one subtraction
+The host looks every `check_every` passes, or, by default, when it predicts that the first
+of the active samples will stop (`next_window`). Between two looks a pass is f, one subtraction
 and two norms: the iterates and norms of the window are kept (references, no copies). At
 the look the window's norms go to the host (one sync), where each sample's first pass that
 met its criterion (or diverged, or spent the budget) is found (`_rules.first_stops`), so
@@ -24,18 +25,25 @@ from ._rules import (Finished, assemble, first_stops, floor, host_arrays, index_
 from ._solution import Solution
 from ._tree import select_rows
 from .solvers._base import Solver, compact
+from .solvers.fixed_point import FixedPointIteration
 
 
 class SampleLoop:
     """One per-sample solve: the pass loop (`run`) and the host's look (`look`)."""
 
     def __init__(self, fn: Map, z0: Tensor, x: Any, fz0: Tensor, solver: Solver, rule: Residual, max_iter: int,
-                 per_sample: bool, criterion: Optional[PackedCriterion], record: bool, check_every: int,
+                 per_sample: bool, criterion: Optional[PackedCriterion], record: bool, check_every: Optional[int],
                  round_fn: Optional[Callable[[Tensor], Tensor]], path_passes: Tuple[int, ...],
                  min_iter: int = 1) -> None:
         self.fn, self.z0, self.x, self.fz0, self.solver, self.rule = fn, z0, x, fz0, solver, rule
         self.max_iter, self.criterion, self.check_every, self.round_fn = max_iter, criterion, check_every, round_fn
         self.passes, self.min_iter = path_passes, min_iter
+        self.window = 1 if check_every is None else check_every   # passes until the next look
+        self.last_r: Optional[np.ndarray] = None   # each active row's residual at the last look
+        # the fastest decay per pass assumed before a row's own rate is known
+        plain = isinstance(solver, FixedPointIteration)
+        self.fastest = FASTEST_PLAIN if plain else FASTEST_ACCELERATED
+        self.safety = SAFETY if plain else SAFETY_ACCELERATED
         self.newest = criterion is not None   # (a criterion's halted rows return f's newest output)
         self.B, self.dev = z0.shape[0], z0.device
         self.done_code = done_code(criterion)
@@ -86,7 +94,7 @@ class SampleLoop:
                 win_f.append(fz)
             last = k + 1 >= self.max_iter
             stay = None
-            if len(win_z) == self.check_every or last or k == 0:   # (a look after the first pass
+            if len(win_z) == self.window or last or k == 0:   # (a look after the first pass
                 # catches a warm start that is already a fixed point)
                 stay = self.look(win_z, win_r, win_e, win_f, limit_t, k, last)
                 if self.n_active == 0:
@@ -115,11 +123,11 @@ class SampleLoop:
         iterate, and return the rows that stay (None: all of them)."""
         w = len(win_z)
         if self.limit is None:
-            R, E, self.limit = host_arrays(torch.stack(win_r), torch.stack(win_e), limit_t)
+            R, E, self.limit = host_arrays(_stacked(win_r), _stacked(win_e), limit_t)
             if not np.isfinite(R[0]).all():
                 check_start(self.z0)
         else:
-            R, E = host_arrays(torch.stack(win_r), torch.stack(win_e))
+            R, E = host_arrays(_stacked(win_r), _stacked(win_e))
         met = E <= 0
         if k + 1 - (w - 1) < self.min_iter:   # (no stop by the criterion before min_iter evaluations)
             met &= (k + 1 - (w - 1) + np.arange(w) >= self.min_iter)[:, None]
@@ -129,6 +137,7 @@ class SampleLoop:
             # quiet: nothing stopped and every residual fell at every pass, so the last
             # iterate is every row's best (no gather, no copy)
             self.best_z, self.best_row, self.best_r = win_z[-1], None, R[-1]
+            self.plan(R, E, None, k)
             return None
         n, cols, best_row = self.n_active, np.arange(self.n_active), self.best_row
         its = k + 1 - (w - 1) + np.minimum(first, w - 1)   # evaluations at the stop pass
@@ -168,6 +177,7 @@ class SampleLoop:
             self.best_row = np.empty(stay_rows.size, dtype=np.int64)
             self.best_row[np.searchsorted(stay_rows, np.concatenate(parts))] = np.arange(stay_rows.size)
         self.best_r = out_r[stay_rows]
+        self.plan(R, E, stay_rows if gone.size else None, k)
         if not gone.size:
             return None
         stay = index_tensor(stay_rows, self.dev)
@@ -180,6 +190,66 @@ class SampleLoop:
         if self.cstate is not None:
             self.cstate = self.criterion.select(self.cstate, stay)
         return stay
+
+
+    def plan(self, R: np.ndarray, E: np.ndarray, rows: Optional[np.ndarray], k: int) -> None:
+        """Choose the passes until the next look (unless the user fixed `check_every`).
+
+        The batch's last look must come when its slowest row stops, else f is called for
+        nothing: each row's decay rate (its last two residuals) predicts the passes until its
+        residual meets its tolerance, and the window shrinks from DEFAULT_WINDOW to 1 as the
+        slowest prediction nears (half of it, so a row that speeds up is still caught).
+        `Depth(K)` stops every row at K: the look is placed there. A read-out criterion gives
+        no prediction: a look every pass. Counts and answers are exact whatever the window;
+        only the passes that a stopped row waits change."""
+        last_r, r = self.last_r, R[-1] if rows is None else R[-1][rows]
+        self.last_r = r
+        if self.check_every is not None:
+            return
+        k1 = k + 1
+        if self.criterion is not None:
+            depth = self.criterion.depth()
+            self.window = 1 if depth is None else max(1, depth - k1)
+            return
+        prev = R[-2] if R.shape[0] > 1 else last_r
+        if rows is not None and prev is not None:
+            prev = prev[rows]
+        thr = r - (E[-1] if rows is None else E[-1][rows])        # each row's tolerance
+        far = r / thr                                              # (> 1 for every active row)
+        # Passes until each row meets its tolerance: at its measured decay rate, and at most as
+        # fast as `self.fastest` per pass.
+        rho = np.full_like(r, np.nan) if prev is None else r / prev
+        ok = (rho > 0) & (rho < 1) & (thr > 0) & (far > 1)
+        window = DEFAULT_WINDOW
+        if (~ok & (far <= NEAR)).any():
+            window = 1   # (a row near its tolerance whose residual did not fall: it may stop any pass)
+        elif ok.any() or prev is None:
+            fast = np.log(far) / -np.log(self.fastest)
+            if ok.any() and self.safety:
+                fast[ok] = np.maximum(fast[ok], np.log(far[ok]) / -np.log(rho[ok]) * self.safety)
+            fast = np.nan_to_num(fast, nan=DEFAULT_WINDOW, posinf=DEFAULT_WINDOW, neginf=1)
+            window = min(window, int(fast.max()))
+        self.window = max(window, self.min_iter - k1, 1)
+
+
+#: the window while no row is predicted to stop within twice as many passes
+DEFAULT_WINDOW = 4
+#: the fraction of the slowest row's predicted passes (at its measured linear rate) that the next
+#: window may take: plain iteration; an accelerated solver's rate can improve at any pass (a secant
+#: step lands), so only the fastest decay bounds its passes
+SAFETY = 0.75
+SAFETY_ACCELERATED = 0.0
+#: the fastest decay per pass assumed for a row: plain iteration (its contraction factor), and an
+#: accelerated solver (which can beat its own history: exact in a few steps on a small linear map)
+FASTEST_PLAIN = 0.1
+FASTEST_ACCELERATED = 1e-3
+#: a row whose residual did not fall, within this factor of its tolerance, gets a look every pass
+NEAR = 16.0
+
+
+def _stacked(ts: List[Tensor]) -> Tensor:
+    """The window's [b] tensors as one [w, b] tensor (a view when w = 1: no op)."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
 
 def _by_source(src: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:

@@ -73,8 +73,8 @@ def solve(
             (`Residual`, `Stable`, `OutputKL`, `HaltHead`); samples another criterion stops
             are `HALTED`.
         check_every: With halting="sample", passes between two looks of the host (stopped
-            rows leave f's batch at a look; counts and results stay exact); None: fpsolve's
-            default (4).
+            rows leave f's batch at a look; counts and results stay exact); None: looks
+            placed by prediction, so that f is called at most once after the last sample stops.
         min_iter: None, or the fewest evaluations of f before any sample may stop by its
             criterion (CONVERGED or HALTED; a DIVERGED sample still stops at once).
         correction: None or a `fpsolve.Correction(passes=..., steps=k, damping=λ)`:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._checks import as_bool, as_int
 from ._criteria import PackedCriterion
-from ._options import STREAM_DEFAULTS, Options
+from ._options import DEFAULT_CHECK_EVERY, STREAM_DEFAULTS, Options
 from ._rules import (NUMPY, Finished, assemble, check_step, check_untouched, first_stops, floor as state_floor,
                      host_arrays, index_tensor, limit_np, rounding, sample_norm, solution, version, window_answers)
 from ._solution import Solution, Status
@@ -244,7 +244,8 @@ class _Engine:
         round_fn = rounding(layout.dtype, wdt)
         yield from _run_slots(fn=layout.wrap(f, True), layout=layout, rows=rows, z0=z0, x_first=x_first,
                               z_first=z_first, n0=n0, S=S, rule=rule, other=other, solver_obj=solver_obj,
-                              max_iter=max_iter, K=opts.check_every, round_fn=round_fn, compile=self.compile,
+                              max_iter=max_iter, K=opts.check_every or DEFAULT_CHECK_EVERY, round_fn=round_fn,
+                              compile=self.compile,
                               min_iter=opts.min_iter)
 
 

@@ -135,3 +135,37 @@ def test_bad_looped_options_are_clear_errors():
         x = torch.zeros(1, 1, requires_grad=True)
         fpsolve.solve(lambda z, x: z + x, torch.zeros(1, 1), x, criterion=fpsolve.Depth(3),
                       backward=fpsolve.Phantom(steps=1, damping=0.5))
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=max(20, settings.default.max_examples // 4), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2 ** 16), B=st.integers(1, 12), n=st.integers(1, 8),
+       solver=st.sampled_from(["fixed_point", "anderson", "broyden"]), low=st.floats(0.05, 0.6),
+       high=st.floats(0.6, 0.97), rtol=st.sampled_from([1e-3, 1e-5, 1e-8]),
+       dtype=st.sampled_from([torch.float32, F64]))
+def test_no_wasted_passes_and_exact_counts(seed, B, n, solver, low, high, rtol, dtype):
+    """Issue 20, item 5: with the default check_every, f is called at most once more than the
+    hardest sample's iterations, and every count, status and answer equals a look every pass."""
+    if dtype == torch.float32 and rtol < 1e-6:
+        rtol = 1e-5
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    q = q.to(dtype)
+    rates = torch.linspace(low, high, B, dtype=F64).to(dtype)[:, None]   # per-sample contraction
+    x = (rates, torch.randn(B, n, generator=gen, dtype=F64).to(dtype))
+    calls = [0]
+
+    def f(z, x):
+        calls[0] += 1
+        return torch.tanh(x[0] * (z @ q.T) + x[1])
+
+    z0 = torch.zeros_like(x[1])
+    sol = fpsolve.solve(f, z0, x, solver=solver, rtol=rtol, max_iter=200)
+    assert calls[0] <= int(sol.iterations.max()) + 1, (calls[0], sol.iterations.tolist())
+    every = fpsolve.solve(f, z0, x, solver=solver, rtol=rtol, max_iter=200, check_every=1)
+    assert torch.equal(sol.iterations, every.iterations) and torch.equal(sol.status, every.status)
+    assert torch.equal(sol.z, every.z)

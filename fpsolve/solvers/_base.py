@@ -87,17 +87,22 @@ def compact(state: State, index: Tensor) -> State:
     return tuple(s.index_select(0, index) if isinstance(s, Tensor) else s for s in state)
 
 
+#: buffers at least this large are compacted in place (in chunks); smaller ones by one gather
+IN_PLACE_BYTES = 8 << 20
+
+
 def keep_rows(buf: Tensor, keep: Tensor, sorted_keep: bool) -> Tensor:
-    """buf.index_select(0, keep), in place when it is safe: the kept rows move to the front of
-    buf through a temporary of an eighth of it, and buf[:len(keep)] is returned.
+    """buf.index_select(0, keep), in place when it is safe and the buffer is large: the kept rows
+    move to the front of buf through a temporary of an eighth of it, and buf[:len(keep)] is returned.
 
     (A copy would hold the old and the new state at once: twice the solver's memory at every
     compaction.) Needs keep ascending (`sorted_keep`, checked once per compaction by the caller)
     and autograd not recording; then row keep[i] >= i, so a chunk never overwrites a source
     row of a later chunk. The storage is not shrunk: the memory is held until the solve ends.
     """
-    if not sorted_keep or torch.is_grad_enabled() or buf.requires_grad:
-        return buf.index_select(0, keep)
+    if not sorted_keep or torch.is_grad_enabled() or buf.requires_grad or \
+            buf.numel() * buf.element_size() < IN_PLACE_BYTES:
+        return buf.index_select(0, keep)   # (a small buffer: one op; the copy costs little memory)
     n = keep.shape[0]
     step = max(1, -(-n // 8))
     for i in range(0, n, step):

@@ -51,7 +51,7 @@ class Anderson:
     builds `Anderson()`. Memory (measured, benchmarks/memory_solvers.py): 2m state-sized vectors per sample, plus
     2 (g and the anchor of the last point) and under 1 of step temporaries at the peak:
     12.9 state-sized buffers at m = 5 (12.4 with safeguard=False); halted rows are dropped
-    in place (never two copies of the history).
+    in place when the history holds 8 MiB or more (never two copies of a large history).
 
     Args:
         m: How many past iterates are mixed (an integer >= 1).

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import State, check_positive, compact_rest, is_ascending, keep_rows, remember, shift_in, to_host, write_slot
+from ._base import IN_PLACE_BYTES, State, check_positive, compact_rest, is_ascending, keep_rows, remember, shift_in, to_host, write_slot
 
 #: Armijo's sufficient-decrease constant on the residual norm.
 ARMIJO = 1e-4
@@ -68,7 +68,7 @@ class Broyden:
     are stored it restarts from -I. `solver="broyden"` builds `Broyden()`. Memory (measured, benchmarks/memory_solvers.py): 2·memory state-sized vectors
     per sample, plus 2 (g and z of the last accepted point) and about 5 of step temporaries
     at the peak: 37.4 state-sized buffers at memory = 15 (38.1 with line_search=False);
-    halted rows are dropped in place (never two copies of the pairs).
+    halted rows are dropped in place when the pairs hold 8 MiB or more (never two copies).
 
     Args:
         memory: The most rank-one pairs kept per sample (an integer >= 1).
@@ -139,8 +139,11 @@ class Broyden:
         """
         u, v, g_prev, z_prev, count, *rest = state
         n = keep.shape[0]
-        ok = is_ascending(keep) and not torch.is_grad_enabled() and not (u.requires_grad or v.requires_grad)
-        if ok:
+        small = u.numel() * u.element_size() < IN_PLACE_BYTES
+        ok = not small and is_ascending(keep) and not torch.is_grad_enabled() and not (u.requires_grad or v.requires_grad)
+        if small:   # (one gather each: the copy of a small history costs little memory)
+            u2, v2 = u.index_select(0, keep), v.index_select(0, keep)
+        elif ok:
             if count:
                 keep_rows(u[:, :count], keep, True)
                 keep_rows(v[:, :count], keep, True)
