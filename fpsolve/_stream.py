@@ -234,151 +234,176 @@ class _Engine:
     def chunks(self) -> Iterator[Tuple[Finished, StateLayout]]:
         """The engine: yields the results of each look as one record (rows: stream indices)."""
         f, z0, rows, opts, S = self.f, self.z0, self.rows, self.opts, self.slots
-        rule, other, solver_obj, max_iter = opts.rule, opts.criterion, opts.solver, opts.max_iter
         x_first, n0 = rows.take(S)
         if x_first is None:
             return
         z_first = _start_rows(z0, rows.structure(x_first), n0)
         layout = StateLayout(z_first)
-        dev, wdt = layout.device, layout.work_dtype
-        round_fn = rounding(layout.dtype, wdt)
-        yield from _run_slots(fn=layout.wrap(f, True), layout=layout, rows=rows, z0=z0, x_first=x_first,
-                              z_first=z_first, n0=n0, S=S, rule=rule, other=other, solver_obj=solver_obj,
-                              max_iter=max_iter, K=opts.check_every or DEFAULT_CHECK_EVERY, round_fn=round_fn,
-                              compile=self.compile,
-                              min_iter=opts.min_iter)
+        round_fn = rounding(layout.dtype, layout.work_dtype)
+        yield from _SlotLoop(layout.wrap(f, True), layout, rows, z0, x_first, z_first, n0, S, opts, round_fn,
+                             self.compile).run()
 
 
-def _run_slots(fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: Any, x_first: List[Tensor],
-               z_first: Any, n0: int, S: int, rule: Any, other: Any, solver_obj: Any, max_iter: int, K: int,
-               round_fn: Any, compile: bool, min_iter: int = 1) -> Iterator[Tuple[Finished, StateLayout]]:
-    """The slots' passes and looks (see the module docstring)."""
-    dev, wdt = layout.device, layout.work_dtype
-    hint = f" (It must treat the {S} slots independently.)"
-    # Slot buffers: when fewer than S inputs exist, idle slots copy row 0 (a valid row).
-    fill = torch.arange(S, device=dev).clamp_max_(n0 - 1) if n0 < S else None
-    x_leaves = [_private(t if fill is None else t.index_select(0, fill.to(t.device)), dev) for t in x_first]
-    x_slots = rows.structure(x_leaves)               # (its leaves are written in place)
-    z = layout.pack(z_first).detach().clone()
-    if fill is not None:
-        z = z.index_select(0, fill)
-    st = _Slots(S, K, n0, np.dtype(NUMPY[wdt]), state_floor(z[0].numel(), rule.norm))
-    # one state row shared by every sample: its rows for a refill, made once
-    fixed_start = None if z0 is None or callable(z0) else layout.pack(_start_rows(z0, None, S))
-    next_index = n0
+class _SlotLoop:
+    """The slots' passes and looks (see the module docstring): `run` alternates K passes at a
+    fixed shape (`passes`), the host's look at them (`look`), and the refill of the slots whose
+    sample was emitted (`refill`)."""
 
-    criterion = None if other is None else PackedCriterion(other, layout.unpack)
-    cstate = criterion.init(z) if criterion is not None else None
-    done_code = int(Status.CONVERGED) if other is None else int(Status.HALTED)
-    # One store of iterates: two rings of K passes (windows alternate between them, so the
-    # previous window's iterates survive the next look) and one row per slot for a best
-    # iterate that is older than that. Where each slot's answer lives is tracked on the host
-    # (`best_at`), so a sample whose residual keeps falling is never copied.
-    # Plain iteration's next iterate is f(z) itself, so its window's residuals come from the
-    # ring at the look, in three ops for all K passes, and a pass is f and one copy.
-    lazy = type(solver_obj) is FixedPointIteration and solver_obj.damping == 1.0 and round_fn is None
-    W = K + 1                                        # a ring holds passes 0..K-1 and, lazily, z_K
-    store = z.new_empty(((2 * W + 1) * S,) + tuple(z.shape[1:]))
-    saved = 2 * W * S                                # first row of the per-slot best rows
-    ring_z = store[:saved].view((2, W) + tuple(z.shape))
-    best_at = np.zeros(S, dtype=np.int64)            # row of `store` holding each slot's best
-    ring_r = z.new_empty(K, S)                       # ||f(z) - z|| at the window's passes
-    ring_f = z.new_empty(K, S)                       # ||f(z)|| at them
-    ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion's verdicts
-    rz = (ring_z[0].unbind(0), ring_z[1].unbind(0))
-    # A criterion's halted rows return f's newest output at their stop: plain iteration has it
-    # in the ring already (z_(p+1) = f(z_p)); other solvers keep f's outputs in a ring of their own.
-    f_store = z.new_empty((2 * K * S,) + tuple(z.shape[1:])) if criterion is not None and not lazy else None
-    f_ring = None if f_store is None else f_store.view((2, K) + tuple(z.shape))
-    window_norms = _bookkeeping("window", rule.norm, compile)
-    rr, rf, rm = ring_r.unbind(0), ring_f.unbind(0), ring_met.unbind(0)
-    needs_k = criterion is not None or type(solver_obj) is not FixedPointIteration
-    write_pass = _bookkeeping("pass", rule.norm, compile)
-    state = None
-    parity = 0
+    def __init__(self, fn: Callable[..., Any], layout: StateLayout, rows: "_Rows", z0: Any, x_first: List[Tensor],
+                 z_first: Any, n0: int, S: int, opts: Options, round_fn: Any, compile: bool) -> None:
+        self.fn, self.layout, self.rows, self.z0, self.S = fn, layout, rows, z0, S
+        self.rule, self.solver, self.max_iter, self.min_iter = opts.rule, opts.solver, opts.max_iter, opts.min_iter
+        self.K = K = opts.check_every or DEFAULT_CHECK_EVERY
+        self.round_fn = round_fn
+        self.dev = dev = layout.device
+        wdt = layout.work_dtype
+        self.hint = f" (It must treat the {S} slots independently.)"
+        # ---- slot buffers: when fewer than S inputs exist, idle slots copy row 0 (a valid row)
+        fill = torch.arange(S, device=dev).clamp_max_(n0 - 1) if n0 < S else None
+        self.x_leaves = [_private(t if fill is None else t.index_select(0, fill.to(t.device)), dev) for t in x_first]
+        self.x_slots = rows.structure(self.x_leaves)          # (its leaves are written in place)
+        z = layout.pack(z_first).detach().clone()
+        self.z = z if fill is None else z.index_select(0, fill)
+        self.st = _Slots(S, K, n0, np.dtype(NUMPY[wdt]), state_floor(z[0].numel(), self.rule.norm))
+        # one state row shared by every sample: its rows for a refill, made once
+        self.fixed_start = None if z0 is None or callable(z0) else layout.pack(_start_rows(z0, None, S))
+        self.next_index = n0
+        self.criterion = None if opts.criterion is None else PackedCriterion(opts.criterion, layout.unpack)
+        self.cstate = self.criterion.init(self.z) if self.criterion is not None else None
+        self.done_code = opts.done_code
+        # ---- one store of iterates: two rings of K passes (windows alternate between them, so
+        # the previous window's iterates survive the next look) and one row per slot for a best
+        # iterate that is older than that. Where each slot's answer lives is tracked on the host
+        # (`best_at`), so a sample whose residual keeps falling is never copied. Plain
+        # iteration's next iterate is f(z) itself, so its window's residuals come from the ring
+        # at the look, in three ops for all K passes, and a pass is f and one copy.
+        self.lazy = type(self.solver) is FixedPointIteration and self.solver.damping == 1.0 and round_fn is None
+        self.W = W = K + 1                                   # a ring holds passes 0..K-1 and, lazily, z_K
+        shape = tuple(z.shape[1:])
+        self.store = z.new_empty(((2 * W + 1) * S,) + shape)
+        self.saved = 2 * W * S                               # first row of the per-slot best rows
+        self.ring_z = self.store[:self.saved].view((2, W, S) + shape)
+        self.best_at = np.zeros(S, dtype=np.int64)           # row of `store` holding each slot's best
+        self.ring_r = z.new_empty(K, S)                      # ||f(z) - z|| at the window's passes
+        self.ring_f = z.new_empty(K, S)                      # ||f(z)|| at them
+        self.ring_met = torch.zeros(K, S, dtype=torch.bool, device=dev)   # a criterion's verdicts
+        # A criterion's halted rows return f's newest output at their stop: plain iteration has
+        # it in the ring already (z_(p+1) = f(z_p)); other solvers keep f's outputs in a ring.
+        self.f_store = z.new_empty((2 * K * S,) + shape) if self.criterion is not None and not self.lazy else None
+        self.window_norms = _bookkeeping("window", self.rule.norm, compile)
+        self.write_pass = _bookkeeping("pass", self.rule.norm, compile)
+        self.state: Any = None
+        self.parity = 0
 
-    while True:
-        # ---- K passes with fixed shapes and no host sync: f, two norms, one copy, the step --
+    def run(self) -> Iterator[Tuple[Finished, StateLayout]]:
+        """Windows of K passes until the stream is exhausted; one record per look that emits."""
+        while True:
+            self.passes()
+            chunk, emit = self.look()
+            if chunk is None:
+                continue
+            yield chunk, self.layout
+            if not self.refill(emit):
+                return
+
+    def passes(self) -> None:
+        """K passes with fixed shapes and no host sync: f, two norms, one copy, the step."""
+        K, fn, x_slots, criterion, solver, round_fn = self.K, self.fn, self.x_slots, self.criterion, self.solver, \
+            self.round_fn
+        rr, rf, rm = self.ring_r.unbind(0), self.ring_f.unbind(0), self.ring_met.unbind(0)
+        ring = self.ring_z[self.parity].unbind(0)
+        f_ring = None if self.f_store is None else self.f_store.view((2, K) + tuple(self.z.shape))[self.parity]
         # each row's k per pass, for the solver's restarts and the criterion's (plain iteration
         # with the residual rule has no use for it)
-        ks = torch.from_numpy(st.age + st.steps).to(dev).unbind(0) if needs_k else range(K)
-        ring = rz[parity]
+        needs_k = criterion is not None or type(solver) is not FixedPointIteration
+        ks = torch.from_numpy(self.st.age + self.st.steps).to(self.dev).unbind(0) if needs_k else range(K)
+        z, state, cstate = self.z, self.state, self.cstate
         for p in range(K):
             before = version(z)
-            fz = check_step(fn(z, x_slots), z, "in stream", hint)
+            fz = check_step(fn(z, x_slots), z, "in stream", self.hint)
             check_untouched((before,), (z,))
-            if lazy:
+            if self.lazy:
                 ring[p].copy_(z)
                 g = None
             else:
-                g = write_pass(z, fz, ring[p], rr[p], rf[p])
+                g = self.write_pass(z, fz, ring[p], rr[p], rf[p])
             if criterion is not None:
                 met, cstate = criterion(z, fz, criterion.reset(cstate, ks[p] == 0))
                 rm[p].copy_(met)
                 if f_ring is not None:
-                    f_ring[parity, p].copy_(fz)
+                    f_ring[p].copy_(fz)
             if state is None:
-                state = solver_obj.init(z, fz, g)
-            z, state = solver_obj.step(state, z, fz, g, ks[p])
+                state = solver.init(z, fz, g)
+            z, state = solver.step(state, z, fz, g, ks[p])
             if round_fn is not None:
                 z = round_fn(z)
-        # ---- the look (host): statuses of the window, emit what stopped, refill the slots --
-        r_t, f_t = ring_r, ring_f
-        if lazy:
+        if self.lazy:
             ring[K].copy_(z)
-            r_t, f_t = window_norms(ring_z[parity])
-        met_t = ring_met if criterion is not None else rule.excess(r_t, f_t) <= 0
+        self.z, self.state, self.cstate = z, state, cstate
+
+    def look(self) -> Tuple[Optional[Finished], np.ndarray]:
+        """The host's look at the window: statuses, the best iterates kept, the emitted answers."""
+        st, K, W, S, dev, parity = self.st, self.K, self.W, self.S, self.dev, self.parity
+        r_t, f_t = self.ring_r, self.ring_f
+        if self.lazy:
+            r_t, f_t = self.window_norms(self.ring_z[parity])
+        met_t = self.ring_met if self.criterion is not None else self.rule.excess(r_t, f_t) <= 0
         R, Fn, M = host_arrays(r_t, f_t, met_t)
-        sel, better, codes, its, stops = _look(R, Fn, M, st, max_iter, done_code, min_iter)
-        window = parity
+        sel, better, codes, its, stops = _look(R, Fn, M, st, self.max_iter, self.done_code, self.min_iter)
         # a best iterate in the previous window's ring that this window did not beat is saved
         # before the next window overwrites that ring (emitted samples are read out first)
+        best_at, store = self.best_at, self.store
         old = (best_at // (W * S) == parity ^ 1) & ~better & ~stops & st.active
         np.copyto(best_at, parity * W * S + sel * S + st.cols, where=better)
         if old.any():
             keep = np.flatnonzero(old)
-            store.index_copy_(0, index_tensor(saved + keep, dev), store.index_select(0, index_tensor(best_at[keep], dev)))
-            best_at[keep] = saved + keep
-        parity ^= 1
+            store.index_copy_(0, index_tensor(self.saved + keep, dev),
+                              store.index_select(0, index_tensor(best_at[keep], dev)))
+            best_at[keep] = self.saved + keep
+        self.parity ^= 1
         emit = np.flatnonzero(stops)
-        n_emit = emit.size
-        if not n_emit:
-            continue
-        emit_t = index_tensor(emit, dev)
+        if not emit.size:
+            return None, emit
         answers = store.index_select(0, index_tensor(best_at[emit], dev))
-        halted = np.flatnonzero(codes[emit] == done_code) if criterion is not None else ()
+        halted = np.flatnonzero(codes[emit] == self.done_code) if self.criterion is not None else ()
         if len(halted):   # (the newest state, f's output at the stop pass)
             cols = emit[halted]
-            if f_store is None:
-                at, source = window * W * S + (sel[cols] + 1) * S + cols, store
+            if self.f_store is None:
+                at, source = parity * W * S + (sel[cols] + 1) * S + cols, store
             else:
-                at, source = window * K * S + sel[cols] * S + cols, f_store
+                at, source = parity * K * S + sel[cols] * S + cols, self.f_store
             answers[index_tensor(halted, dev)] = source.index_select(0, index_tensor(at, dev))
-        yield Finished(st.sample[emit], answers, st.best_r[emit], its[emit], codes[emit]), layout
-        # Refill the emitted slots with the next inputs (idle slots copy a live row).
-        x_new, n_new = rows.take(n_emit)
+        return Finished(st.sample[emit], answers, st.best_r[emit], its[emit], codes[emit]), emit
+
+    def refill(self, emit: np.ndarray) -> bool:
+        """The emitted slots take the next inputs (idle slots copy a live row); False when no
+        slot is live any more."""
+        st, dev, n_emit = self.st, self.dev, emit.size
+        emit_t = index_tensor(emit, dev)
+        x_new, n_new = self.rows.take(n_emit)
         if n_new:
             slot = emit_t[:n_new]
-            for buf, t in zip(x_leaves, x_new):
+            for buf, t in zip(self.x_leaves, x_new):
                 buf.index_copy_(0, slot, t if t.device == buf.device else t.to(buf.device))
-            z_new = fixed_start[:n_new] if fixed_start is not None else \
-                layout.pack(_start_rows(z0, rows.structure(x_new), n_new))
-            z = z.index_copy(0, slot, z_new)
+            z_new = self.fixed_start[:n_new] if self.fixed_start is not None else \
+                self.layout.pack(_start_rows(self.z0, self.rows.structure(x_new), n_new))
+            self.z = self.z.index_copy(0, slot, z_new)
             st.age[emit[:n_new]] = 0
             st.best_r[emit[:n_new]] = np.nan
-            st.sample[emit[:n_new]] = np.arange(next_index, next_index + n_new)
-            next_index += n_new
+            st.sample[emit[:n_new]] = np.arange(self.next_index, self.next_index + n_new)
+            self.next_index += n_new
         if n_new < n_emit:
             st.active[emit[n_new:]] = False
             live = np.flatnonzero(st.active)
             if live.size == 0:
-                return
+                return False
             idle = emit_t[n_new:]
             src = index_tensor(live[:1], dev).expand(idle.numel())
-            for buf in x_leaves:
+            for buf in self.x_leaves:
                 buf.index_copy_(0, idle, buf.index_select(0, src))
-            z = z.index_copy(0, idle, z.index_select(0, src))
+            self.z = self.z.index_copy(0, idle, self.z.index_select(0, src))
             st.age[emit[n_new:]] = 0
+        return True
 
 
 def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> Tensor:
