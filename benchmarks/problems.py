@@ -103,7 +103,29 @@ def build(name: str, dtype: torch.dtype, seed: int = 0) -> Problem:
         x = torch.randn(bt, seq, d, generator=gen).to(dtype)
         desc = f"pre-norm transformer block (attention + MLP, final LayerNorm), seq {seq}, width {d}, batch {bt}"
         return Problem(name, desc, block, x, torch.zeros(bt, seq, d, dtype=dtype), 100)
+    if name == "conv":
+        c, hw, bt = 32, 32, 8
+        torch.manual_seed(seed)
+        block = ConvBlock(c, 2.6, gen).to(dtype).eval()
+        x = torch.randn(bt, c, hw, hw, generator=gen).to(dtype)
+        desc = (f"tanh(conv3x3(z) + x), small random weights (every sample converges in 6 passes; f about 3 ms "
+                f"on 1 CPU thread), {c} channels, {hw}x{hw}, batch {bt}")
+        return Problem(name, desc, block, x, torch.zeros(bt, c, hw, hw, dtype=dtype), 100)
     raise ValueError(name)
 
 
-PROBLEMS = ("mlp_contractive", "mlp_hard", "mixed_batch", "transformer")
+class ConvBlock(nn.Module):
+    """A short, expensive solve: tanh(conv(z) + x), the convolution scaled to a small norm."""
+
+    def __init__(self, channels: int, scale: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        with torch.no_grad():
+            w = torch.randn(self.conv.weight.shape, generator=gen)   # (scale: chosen for 6 passes)
+            self.conv.weight.copy_(scale * w / w.flatten(1).norm(dim=1).sum() * channels ** 0.5 / 3)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(z) + x)
+
+
+PROBLEMS = ("mlp_contractive", "mlp_hard", "mixed_batch", "transformer", "conv")

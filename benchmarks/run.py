@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import backward  # noqa: E402
+import ops  # noqa: E402
 import solvers  # noqa: E402
 import stream  # noqa: E402
 from harness import ROOT, Row, git_rev, loadavg, machine, write_json  # noqa: E402
@@ -91,6 +92,8 @@ def main() -> None:
     argv = ["--repeats", str(repeats)] + (["--float64"] if args.quick else [])
     rows = solvers.main(argv)
     load_after = loadavg()
+    op_counts = {p: ops.main(["--problem", p]) for p in ("mlp_contractive",)}
+    torch.set_num_threads(args.threads)
     bw_rows, bw_lines = backward.main(["--repeats", str(repeats)] + ([] if args.quick else ["--float64"]))
     # Problem 6 (halting in wall time) runs on 1 thread: its small f is the per-call-cost case.
     torch.set_num_threads(1)
@@ -128,6 +131,12 @@ def main() -> None:
     rlines, checks = ratios(rows)
     lines += ["", "## fpsolve / torchdeq, same run", ""] + rlines
     lines += ["", "## Targets (issue 3, CPU float32)", "", "| problem | solver | target | measured | |", "|---|---|---|---|---|"] + checks
+    lines += ["", "## ATen ops outside f per f call (deterministic; `python benchmarks/ops.py`)", "",
+              "Every op a solve dispatches outside f, views excluded, divided by the f calls (mlp_contractive, "
+              "float32, halting='sample'); on an accelerator each is a kernel launch. Goals (BENCH.md): "
+              "fixed-point ≤ the floor, Anderson ≤ 16, Broyden ≤ 20.", "",
+              "| solver | ops per f call |", "|---|---:|"]
+    lines += [f"| {s} | {v:.2f} |" for s, v in op_counts["mlp_contractive"].items()]
     lines += [""] + bw_lines + [""]
     lines += ["## Problem 6: halting in wall time (streams of mixed difficulty, 1 thread)", "",
               "Least wall time of " + ("3" if args.quick else "15 (maze: 5)") + " alternating rounds per method; "
@@ -147,6 +156,7 @@ def main() -> None:
         payload.append(dict(r, problem="backward"))
     for r in st_results:
         payload.append(dict(r, problem="stream_" + r["name"]))
+    payload.append({"problem": "ops_per_f_call_mlp_contractive", **op_counts["mlp_contractive"]})
     write_json(os.path.join(ROOT, "docs", "benchmarks.json"), payload)
     print("\n".join(rlines + checks))
 

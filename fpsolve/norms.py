@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ._checks import as_bool, as_float, as_int
+
 #: The layers whose `weight` is bounded by default.
 LAYERS: Tuple[Type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -100,10 +102,13 @@ def spectral_bound(block: nn.Module, bound: float = 0.9, *, learned: bool = Fals
         print(fpsolve.lipschitz_bounds(layer))   # {'': 0.9}
         ```
     """
-    _check(bound, learned, max_bound)
-    if power_iterations is not None and (isinstance(power_iterations, bool) or
-                                         not isinstance(power_iterations, int) or power_iterations < 1):
-        raise ValueError(f"power_iterations must be a positive integer or None (exact); got {power_iterations!r}.")
+    bound, max_bound = _check(bound, learned, max_bound)
+    if power_iterations is not None:
+        try:
+            power_iterations = as_int("power_iterations", power_iterations)
+        except (TypeError, ValueError):
+            raise ValueError(f"power_iterations must be a positive integer or None (exact); "
+                             f"got {power_iterations!r}.") from None
     for _, layer in _layers(block, layers):
         if power_iterations is None:
             parametrize.register_parametrization(layer, "weight", _Normalize("spectral"))
@@ -144,7 +149,7 @@ def frobenius_bound(block: nn.Module, bound: float = 0.9, *, learned: bool = Fal
             assert float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2)) <= 0.5 + 1e-6
         ```
     """
-    _check(bound, learned, max_bound)
+    bound, max_bound = _check(bound, learned, max_bound)
     for _, layer in _layers(block, layers):
         parametrize.register_parametrization(layer, "weight", _Normalize("frobenius"))
         parametrize.register_parametrization(layer, "weight", Bound(bound, learned, max_bound))
@@ -179,16 +184,16 @@ def lipschitz_bounds(block: nn.Module) -> Dict[str, float]:
     return out
 
 
-def _check(bound: float, learned: bool, max_bound: float) -> None:
-    for arg, v in (("bound", bound), ("max_bound", max_bound)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
-            raise ValueError(f"{arg} must be a finite number > 0; got {v!r}.")
-    if not isinstance(learned, bool):
-        raise TypeError(f"learned must be True or False; got {learned!r}.")
+def _check(bound: float, learned: bool, max_bound: float) -> Tuple[float, float]:
+    """(bound, max_bound) as plain floats > 0 (numpy scalars accepted); a clear error otherwise."""
+    bound = as_float("bound", bound, strict=True)
+    max_bound = as_float("max_bound", max_bound, strict=True)
+    learned = as_bool("learned", learned)
     if learned and not bound < max_bound:
         raise ValueError(
             f"with learned=True the bound is max_bound * sigmoid(s), so the starting bound must be "
             f"below max_bound; got bound={bound!r}, max_bound={max_bound!r}.")
+    return bound, max_bound
 
 
 def _layers(block: nn.Module, layers: Tuple[Type[nn.Module], ...]) -> list:

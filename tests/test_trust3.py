@@ -159,3 +159,11 @@ def test_item9_an_f_that_writes_into_its_input_is_a_clear_error():
             list(fpsolve.stream(f, [x], slots=2, solver=solver))
     z0 = torch.randn(4, 3)                              # an out-of-place f is untouched
     assert fpsolve.solve(lambda z, x: 0.5 * torch.relu(z) + x, z0, x.abs()).converged.all()
+
+
+def test_item13_numpy_scalars_in_the_norm_bounds():
+    layer = fpsolve.spectral_bound(torch.nn.Linear(4, 4), np.float32(0.8), power_iterations=np.int64(3))
+    assert abs(fpsolve.lipschitz_bounds(layer)[""] - 0.8) < 1e-6
+    fpsolve.frobenius_bound(torch.nn.Linear(4, 4), np.float64(0.5))
+    with pytest.raises(ValueError, match="power_iterations"):
+        fpsolve.spectral_bound(torch.nn.Linear(4, 4), 0.8, power_iterations=np.int64(0))
