@@ -246,3 +246,9 @@ def test_bad_inputs_are_clear_errors():
         fpsolve.Carry(f, slots=2, z0=torch.zeros(3, 1))
     with pytest.raises(TypeError, match="x must be one floating tensor"):
         fpsolve.Carry(f, slots=2).step(torch.ones(2, 1, dtype=torch.int64))
+
+
+def test_the_trm_example_trains_the_same_with_carry_and_by_hand(capsys):
+    looped_trm = pytest.importorskip("looped_trm")
+    out = looped_trm.main(["--steps", "12"])
+    assert out["diff"] <= 1e-6 and out["accuracy"] == out["accuracy_hand"]
