@@ -2,6 +2,7 @@
 
 Everything public is imported here; the modules behind it are private.
 """
+from ._carry import Carry, CarryStep
 from ._correction import Correction
 from ._criteria import Depth, HaltHead, OutputKL, Residual, Stable
 from ._backward import Implicit, Phantom, Unroll
@@ -33,6 +34,8 @@ __all__ = [
     "OutputKL",
     "HaltHead",
     "Depth",
+    "Carry",
+    "CarryStep",
     "Implicit",
     "Phantom",
     "Unroll",
