@@ -13,6 +13,8 @@ from .norms import frobenius_bound, lipschitz_bounds, spectral_bound
 from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status
 from ._solve import solve
+from ._looped_lm import LoopedLM
+from ._generate import Generation, generate
 from ._stream import StreamResult, solve_stream, stream
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
 
@@ -45,6 +47,9 @@ __all__ = [
     "jacobian_penalty",
     "LoopedTransformerBlock",
     "SharedDropout",
+    "LoopedLM",
+    "generate",
+    "Generation",
     "diagnose",
     "Flag",
     "Report",

@@ -215,19 +215,25 @@ class SampleLoop:
         if rows is not None and prev is not None:
             prev = prev[rows]
         thr = r - (E[-1] if rows is None else E[-1][rows])        # each row's tolerance
-        far = r / thr                                              # (> 1 for every active row)
+        # (rows with a zero or non-finite tolerance or residual are told apart before dividing,
+        # so no division by zero warns)
+        fine = (thr > 0) & (r > thr) & np.isfinite(r)
+        far = np.where(fine, r, 2.0) / np.where(fine, thr, 1.0)      # how far above its tolerance
         # Passes until each row meets its tolerance: at its measured decay rate, and at most as
         # fast as `self.fastest` per pass.
-        rho = np.full_like(r, np.nan) if prev is None else r / prev
-        ok = (rho > 0) & (rho < 1) & (thr > 0) & (far > 1)
+        if prev is None:
+            ok = np.zeros_like(fine)
+            rho = far
+        else:
+            ok = fine & (prev > r) & (r > 0)
+            rho = np.where(ok, r, 0.5) / np.where(ok, prev, 1.0)
         window = DEFAULT_WINDOW
-        if (~ok & (far <= NEAR)).any():
+        if (~ok & fine & (far <= NEAR)).any() or (~fine & (r > thr)).any():
             window = 1   # (a row near its tolerance whose residual did not fall: it may stop any pass)
         elif ok.any() or prev is None:
             fast = np.log(far) / -np.log(self.fastest)
             if ok.any() and self.safety:
                 fast[ok] = np.maximum(fast[ok], np.log(far[ok]) / -np.log(rho[ok]) * self.safety)
-            fast = np.nan_to_num(fast, nan=DEFAULT_WINDOW, posinf=DEFAULT_WINDOW, neginf=1)
             window = min(window, int(fast.max()))
         self.window = max(window, self.min_iter - k1, 1)
 

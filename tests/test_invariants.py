@@ -436,17 +436,19 @@ def test_stream_rows_equal_their_solve_alone(data, solver, slots, batch, check_e
     assert torch.isfinite(flat(sol.z)).all()
     plain = solver == "fixed_point" or isinstance(solver, fpsolve.FixedPointIteration)
     crit = opts.get("criterion")
-    rtol_rule = crit.rtol if isinstance(crit, fpsolve.Residual) else opts["rtol"] if crit is None else None
-    if not plain and case.dtype != torch.float64 and rtol_rule is not None and rtol_rule < 1e-5:
-        # Anderson/Broyden step per row in the stream (the same step, other rounding): below
-        # float32's precision a tolerance can flip one decision, so compare in float64 only.
-        event("stream: accelerated solver at a tolerance below float32 precision: not compared")
-        return
-    if not plain and rtol_rule is None:
-        # A read-out criterion (argmax, KL, halt head) after a per-row accelerated step: a
-        # rounding difference can break a tie between two saturated logits (tanh(100) == 1.0)
-        # and move the halt, in any dtype; docs/streaming.md says so. Plain steps are compared.
-        event("stream: accelerated solver with a read-out criterion: decisions not compared")
+    # Every stream row is honest by itself: CONVERGED => the residual rule holds at its z (the
+    # criterion's own tolerance when it is a Residual), with the rounding slack of (i).
+    rule = crit if isinstance(crit, fpsolve.Residual) else fpsolve.Residual(opts["atol"], opts["rtol"], opts["norm"])
+    r, fnorm, slack = recomputed(case, sol.z, rule.norm)
+    conv = sol.status == int(Status.CONVERGED)
+    allowed = rule.atol + rule.rtol * fnorm
+    assert not (conv & ~(r <= allowed * (1 + REL[case.dtype]) + slack)).any(), (r, allowed)
+    if not plain:
+        # The contract for Anderson and Broyden (docs/streaming.md): a slot's per-row step is the
+        # same algorithm as the batched step with other rounding, so the two runs may part where
+        # a decision lies within rounding of a threshold (a tolerance, the safeguard's or the line
+        # search's test, the budget); only honesty is promised, checked above.
+        event("stream: accelerated solver: honesty checked, equality not promised")
         return
     for i in range(case.B):
         with torch.no_grad():
@@ -456,19 +458,13 @@ def test_stream_rows_equal_their_solve_alone(data, solver, slots, batch, check_e
         assert int(sol.iterations[i]) == int(alone.iterations[0]), (i, sol.iterations, alone.iterations)
         rtol = 1e-6 if case.dtype == torch.float64 else 1e-3
         atol = 1e-9 * float(start_scale(case)[i])
-        if not plain:   # (the same step in per-row form: equal up to rounding, amplified by the solve)
-            atol = max(atol, 1e3 * torch.finfo(case.dtype).eps * float(start_scale(case)[i]))
         if not torch.allclose(flat(sol.z)[i:i + 1], flat(alone.z), rtol=rtol, atol=atol):
-            # MAX_ITER's answer is the best iterate of an unconverged run: rounding differences,
-            # amplified by an accelerated solver (or a tie between two residuals, e.g. under an
-            # isometry), can pick another iterate of nearly the same residual. A HALTED sample is
-            # not at a fixed point either: an accelerated solver's per-row rounding, amplified
-            # over its run, moves where its read-out criterion stops it.
-            unconverged = (int(Status.MAX_ITER), int(Status.DIVERGED)) + (() if plain else (int(Status.HALTED),))
-            assert int(sol.status[i]) in unconverged, (i, sol.z, alone.z)
-            assert not plain or torch.allclose(sol.residual[i:i + 1].double(), alone.residual.double(),
-                                               rtol=1e-9, atol=1e-12), (i, sol.residual, alone.residual)
-            event("stream: an unconverged row's best iterate picked differently (rounding)")
+            # MAX_ITER's answer is the best iterate of an unconverged run: a tie between two
+            # residuals (e.g. under an isometry) can pick another iterate of the same residual.
+            assert int(sol.status[i]) in (int(Status.MAX_ITER), int(Status.DIVERGED)), (i, sol.z, alone.z)
+            assert torch.allclose(sol.residual[i:i + 1].double(), alone.residual.double(),
+                                  rtol=1e-9, atol=1e-12), (i, sol.residual, alone.residual)
+            event("stream: an unconverged row's best iterate picked differently (a tie)")
 
 
 @settings(max_examples=RAISE_EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
