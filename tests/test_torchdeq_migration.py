@@ -76,5 +76,9 @@ def test_the_page_maps_every_get_deq_argument_the_issue_names():
     text = PAGE.read_text()
     for name in ["f_solver", "b_solver", "f_max_iter", "b_max_iter", "f_tol", "b_tol", "stop_mode",
                  "ift", "hook_ift", "grad=", "tau", "apply_norm", "reset_norm", "jac_reg",
-                 "fp_correction", "no equivalent yet", "get_deq(", "fpsolve.DEQ("]:
+                 "fp_correction", "no equivalent yet", "get_deq(", "fpsolve.DEQ(",
+                 # issue 20, item 6: what a port meets
+                 "eval_f_max_iter", "eval_max_iter=", "f_max_iter + 1", "normalize=True",
+                 "jacobian_normalize=True", "def from_torchdeq_args(args)", "adapt_state_dict(model, checkpoint)",
+                 "returns f(z*)", "last damped step"]:
         assert name in text, name
