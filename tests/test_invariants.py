@@ -350,7 +350,7 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
     assert not lies.any(), f"(v) rows {lies.nonzero().flatten().tolist()} have residual {rep.tolist()} but status {st_.tolist()}"
 
     # gradients: a failing row never poisons the others (shared c, per-row b)
-    if wants and halting == "sample" and z_leaf.requires_grad and not unroll_nan(opts["solver"], full_unroll):
+    if wants and halting == "sample" and z_leaf.requires_grad:
         loss = flat_sum(sol.z)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fpsolve.ConvergenceWarning)
@@ -386,13 +386,6 @@ def known_violations(case: Case, f: Recorder, sol: Any, full_unroll: bool) -> to
         if bool((sol.status == Status.DIVERGED).any()):
             known = torch.ones_like(known)
     return known
-
-
-def unroll_nan(solver: Any, full_unroll: bool) -> bool:
-    """KNOWN_UNROLL_NAN: Unroll() through Anderson or Broyden can give NaN gradients (pinned by its
-    own xfail test below)."""
-    plain = solver == "fixed_point" or isinstance(solver, fpsolve.FixedPointIteration)
-    return full_unroll and not plain
 
 
 def broyden_line_search(solver: Any) -> bool:
@@ -527,11 +520,10 @@ def test_a_nan_in_the_phantom_passes_never_reaches_sol_z(backward):
     assert torch.isfinite(sol.z).all(), sol.z
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_UNROLL_NAN: Unroll() through Broyden/Anderson gives NaN gradients "
-                   "once the solver's differences vanish (residual at rounding level in float32/bfloat16, or exactly "
-                   "0 in float64 while a criterion keeps the sample going)")
 @pytest.mark.parametrize("dtype, solver", [(torch.float32, "broyden"), (torch.bfloat16, "anderson")])
 def test_unroll_through_an_accelerated_solver_has_finite_gradients(dtype, solver):
+    """Was KNOWN_UNROLL_NAN: once the solver's differences vanish (residual at rounding level),
+    Anderson's singular Gram system and Broyden's 1/denominator sent NaN back through Unroll()."""
     _unroll_through_a_solver(dtype, solver)
 
 
@@ -553,10 +545,10 @@ def _unroll_through_a_solver(dtype, solver):
     assert torch.isfinite(c.grad), c.grad
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_UNROLL_NAN in float64: steps of Anderson/Broyden at an exact fixed "
-                   "point (residual 0, kept going by Stable(patience=3)) give NaN gradients under Unroll()")
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])
 def test_unroll_through_steps_at_an_exact_fixed_point_has_finite_gradients(solver):
+    """Was KNOWN_UNROLL_NAN in float64: steps at an exact fixed point (residual 0, kept going by
+    Stable(patience=3)) gave NaN gradients under Unroll() (tests/test_unroll_degenerate.py)."""
     c = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     x = torch.tensor([[-140.0], [40.0]], dtype=torch.float64)       # tanh saturates: f(z) = ±1 exactly
     f = lambda z, x: torch.tanh(0.98 * z + c * x)  # noqa: E731

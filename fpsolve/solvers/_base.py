@@ -151,6 +151,44 @@ def write_slot(buf: Tensor, index: Tuple[Any, ...], value: Tensor) -> Tensor:
     return buf
 
 
+def recorded_solve(system: Tensor, rhs: Tensor) -> Tensor:
+    """`torch.linalg.solve_ex(system, rhs)[0].nan_to_num(0, 0, 0)` as autograd records it
+    (`fpsolve.Unroll`): the same values, bit for bit, and a backward that is finite.
+
+    The backward of a solve goes through the inverse of the matrix: for a singular one (a
+    zero history column, when a sample's residual stops changing) it is NaN even where the
+    incoming gradient is zero, and a mask applied after the solve does not help. So the
+    degenerate samples (those whose solution is not finite) are found first, without
+    autograd; their matrices are replaced by the identity for the recorded solve, and their
+    (constant) solution is put back by a mask: the other samples are solved exactly as
+    before, the degenerate ones send no gradient back.
+    """
+    with torch.no_grad():
+        plain, info = torch.linalg.solve_ex(system, rhs)
+        bad = (info != 0) | ~torch.isfinite(plain).flatten(1).all(1)
+        bad = bad.view(-1, *(1,) * (system.dim() - 1))
+    eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
+    solved = torch.linalg.solve_ex(torch.where(bad, eye, system), torch.where(bad, 0.0, rhs))[0]
+    return torch.where(bad, plain.nan_to_num_(0.0, 0.0, 0.0), solved)
+
+
+def recorded_reciprocal(denom: Tensor, ok: Tensor) -> Tensor:
+    """`torch.where(ok, 1 / denom, 0)` as autograd records it: the same values, bit for bit,
+    and a backward that is never NaN.
+
+    `torch.where(ok, denom.reciprocal(), 0)` sends back 0 · (-1 / denom²) where not ok: NaN
+    where denom is 0, and also where 1 / denom² overflows (|denom| < 5e-20 in float32), even
+    for a step whose gradient is 0. So the recorded reciprocal is taken of a safe
+    denominator, only where it is ok and its derivative -1 / denom² is finite; elsewhere the
+    value is a constant (0, or 1 / denom computed without autograd), whose backward is 0.
+    """
+    limit = 2.0 * float(torch.finfo(denom.dtype).max) ** -0.5
+    big = ok & (denom.detach().abs() >= limit)
+    with torch.no_grad():
+        small = torch.where(ok, denom.reciprocal(), 0.0)
+    return torch.where(big, torch.where(big, denom, 1.0).reciprocal(), small)
+
+
 def to_host(*ts: Tensor) -> List[np.ndarray]:
     """Small per-sample tensors as numpy arrays, for a step's host-side decisions.
 

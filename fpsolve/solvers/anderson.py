@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import (State, check_positive, compact_rest, flat, is_ascending, keep_rows, remember, shift_in,
-                    to_host, write_slot)
+from ._base import (State, check_positive, compact_rest, flat, is_ascending, keep_rows, recorded_solve, remember,
+                    shift_in, to_host, write_slot)
 
 #: A plain step that multiplies a sample's residual by more than this shows that plain
 #: iteration does not contract there: the safeguard is switched off for that sample.
@@ -153,18 +153,22 @@ class Anderson:
         m = min(k, self.m)
         dg_hist, dz_hist, system, hist_t, recording = self._write(dg_hist, dz_hist, system, gf, af, g_prev, a_prev,
                                                                   (k - 1) % self.m, m)
-        gamma = self._gamma(system, gf, hist_t, m)
+        gamma = self._gamma(system, gf, hist_t, m, recording)
         # A sample whose system is singular (a zero column: its residual did not change) gets
-        # non-finite coefficients, zeroed: a plain step.
-        gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
+        # non-finite coefficients, zeroed (recorded: already zeroed, see `recorded_solve`).
+        if not recording:
+            gamma.nan_to_num_(0.0, 0.0, 0.0)
         return self._mix(gf, af, gamma, dz_hist, m).view(z.shape), (dg_hist, dz_hist, system, gf, af, *extra)
 
     @staticmethod
-    def _gamma(system: Tensor, gf: Tensor, hist_t: Tensor, m: int) -> Tensor:
-        """γ [b, m, 1] of the textbook step over the m filled slots (non-finite where singular)."""
+    def _gamma(system: Tensor, gf: Tensor, hist_t: Tensor, m: int, recording: bool = False) -> Tensor:
+        """γ [b, m, 1] of the textbook step over the m filled slots (non-finite where singular;
+        when autograd records the step, zeroed there, with a finite backward)."""
         # ([b, m, 1] right-hand side: the solution comes back contiguous, which bmm needs to
         # stay on its fast path on CPU.)
         rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
+        if recording:
+            return recorded_solve(system[:, :m, :m], rhs)
         return torch.linalg.solve_ex(system[:, :m, :m], rhs)[0]
 
     def _mix(self, gf: Tensor, af: Tensor, gamma: Tensor, dz_hist: Tensor, m: int) -> Tensor:
@@ -206,15 +210,18 @@ class Anderson:
         system[:, :m, j].copy_(row)
         return dg_hist, dz_hist, system, hist_t, recording
 
-    def _solve_masked(self, system: Tensor, rhs: Tensor, valid: Tensor) -> Tensor:
+    def _solve_masked(self, system: Tensor, rhs: Tensor, valid: Tensor, recording: bool = False) -> Tensor:
         """γ from the system restricted, per sample, to its valid slots (γ = 0 elsewhere).
 
         Invalid rows and columns are replaced by those of the identity and their right-hand
-        side by 0, which decouples them exactly. Non-finite solutions become 0 (a plain step)."""
+        side by 0, which decouples them exactly. Non-finite solutions become 0 (a plain step);
+        when autograd records the step, with a finite backward (see `recorded_solve`)."""
         pair = valid.unsqueeze(2) & valid.unsqueeze(1)
         eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
-        gamma = torch.linalg.solve_ex(torch.where(pair, system, eye), torch.where(valid.unsqueeze(2), rhs, 0.0))[0]
-        return gamma.nan_to_num(0.0, 0.0, 0.0)
+        system, rhs = torch.where(pair, system, eye), torch.where(valid.unsqueeze(2), rhs, 0.0)
+        if recording:
+            return recorded_solve(system, rhs)
+        return torch.linalg.solve_ex(system, rhs)[0].nan_to_num(0.0, 0.0, 0.0)
 
     def _guard(self, r: Tensor, r_prev: Tensor, checked: Tensor, counts: Tensor,
                fresh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -256,7 +263,7 @@ class Anderson:
             # Until a first rejection, every sample accelerates with its whole history: the
             # textbook step, whose one host sync brings the residuals and γ to the host, where
             # the residual test, the window of residuals and γ's finiteness are decided (numpy).
-            gamma = self._gamma(system, gf, hist_t, m)
+            gamma = self._gamma(system, gf, hist_t, m, recording)
             if k == 1:   # the first step was plain: where it raised the residual by more than
                 r0, rh, gh = to_host(r_prev, r, gamma)          # DISARM, the safeguard stands down
                 r_prev, checked = np.repeat(r0[:, None], WINDOW, 1), rh <= DISARM * r0
@@ -266,7 +273,7 @@ class Anderson:
                 calm = not (checked & ~(rh < r_prev.max(1))).any()
             if calm:
                 if not np.isfinite(gh).all():   # singular systems: a plain step for those samples
-                    gamma = gamma.nan_to_num(0.0, 0.0, 0.0) if recording else gamma.nan_to_num_(0.0, 0.0, 0.0)
+                    gamma = gamma.nan_to_num_(0.0, 0.0, 0.0)   # (never when recorded: zeroed already)
                 z_next = self._mix(gf, af, gamma, dz_hist, m)
                 return z_next.view(z.shape), (dg_hist, dz_hist, system, gf, af, shift_in(r_prev, rh), checked,
                                               counts, "calm")
@@ -285,7 +292,7 @@ class Anderson:
         age = torch.remainder(j - torch.arange(m, device=z.device), self.m)
         valid = (age < counts[:, :1]) & use.unsqueeze(1)
         rhs = torch.bmm(gf.unsqueeze(1), hist_t).transpose(1, 2)
-        gamma = self._solve_masked(system[:, :m, :m], rhs, valid)
+        gamma = self._solve_masked(system[:, :m, :m], rhs, valid, recording)
         z_next = self._mix(gf, af, gamma, dz_hist, m).squeeze(1)
         # A rejected sample goes back to the point the rejected iterate came from and takes
         # its plain step (known already: no extra evaluation); that point stays its last.

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import IN_PLACE_BYTES, State, check_positive, compact_rest, is_ascending, keep_rows, remember, shift_in, to_host, write_slot
+from ._base import (IN_PLACE_BYTES, State, check_positive, compact_rest, is_ascending, keep_rows, recorded_reciprocal,
+                    remember, shift_in, to_host, write_slot)
 
 #: Armijo's sufficient-decrease constant on the residual norm.
 ARMIJO = 1e-4
@@ -239,17 +240,18 @@ class Broyden:
             # 1 / (Δzᵀ H Δg), or 0 (no update) where it is too small relative to |Δz|·|H Δg|
             # (floored at the smallest normal number: a subnormal has no finite inverse).
             # The inverse is taken on the host too (numpy divides as torch does), except when
-            # autograd records the step: then it is taken on the device, in the graph.
+            # autograd records the step: then it is taken on the device, in the graph (of a
+            # safe denominator: a skipped update sends no gradient back, not NaN).
             d = dh.reshape(b)
             ok = np.abs(d) > np.maximum(self.min_denominator * (nh[:, 1] * nh[:, 2]), _tiny(d.dtype))
             if recording:
-                inv = torch.where(torch.from_numpy(ok).to(z.device).view(b, 1, 1), denom.reciprocal(), _zero(denom))
+                inv = recorded_reciprocal(denom, torch.from_numpy(ok).to(z.device).view(b, 1, 1))
             else:
                 with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
                     inv = np.where(ok, 1.0 / d, 0.0).astype(d.dtype)
                 inv = torch.from_numpy(inv).to(z.device, denom.dtype).view(b, 1, 1)
         else:   # (no sync: the skip test on the device)
-            inv = self._inverse(denom, norms[:, 1:2].unsqueeze(2), norms[:, 2:3].unsqueeze(2))
+            inv = self._inverse(denom, norms[:, 1:2].unsqueeze(2), norms[:, 2:3].unsqueeze(2), recording)
         # u = (Δz - HΔg) / (Δzᵀ H Δg), into its slot
         if recording:
             new_u = (dz + x[:, 3:4]) * inv
@@ -303,10 +305,13 @@ class Broyden:
         top = r_prev.amax(1) if isinstance(r_prev, Tensor) else r_prev.max(1)
         return ~(r <= (1.0 - ARMIJO * t) * top) & (t > 2.0 ** -MAX_BACKTRACKS)
 
-    def _inverse(self, denom: Tensor, dz_norm: Tensor, h_norm: Tensor) -> Tensor:
+    def _inverse(self, denom: Tensor, dz_norm: Tensor, h_norm: Tensor, recording: bool = False) -> Tensor:
         """1 / (Δzᵀ H Δg), or 0 (no update) where it is too small relative to |Δz|·|H Δg| (on
-        the device; floored at the smallest normal number: a subnormal has no finite inverse)."""
+        the device; floored at the smallest normal number: a subnormal has no finite inverse).
+        When autograd records the step, a skipped update sends no gradient back (not NaN)."""
         ok = denom.abs() > (self.min_denominator * (dz_norm * h_norm)).clamp_min_(_tiny(denom.dtype))
+        if recording:
+            return recorded_reciprocal(denom, ok)
         return torch.where(ok, denom.reciprocal(), _zero(denom))
 
     def _new_u(self, dz: Tensor, dg: Tensor, h_dg: Tensor, zt_h: Tensor, skip: Tensor) -> Tensor:
