@@ -163,10 +163,15 @@ class Unroll:
                     # A diverged row's passes are in the graph (0 * nan reaches shared
                     # parameters): the live rows are recorded again without it (f treats
                     # samples independently under halting="sample", so their values agree).
+                    # The live rows' whole result is the re-recorded run's, so that their statuses
+                    # and residuals hold at the z returned (a stateful f sees more calls).
                     x = select_rows(run.x, rows)
                     z0 = run.z0.index_select(0, rows)
                     alone = run.forward(fn=fn, check_every=1, z0=z0, x=x, fz0=fn(z0, x))
                     sol.z = sol.z.detach().index_copy(0, rows, alone.z)
+                    for name in ("iterations", "residual", "status", "converged"):
+                        setattr(sol, name, getattr(sol, name).index_copy(0, rows, getattr(alone, name)))
+                    sol.evaluations += alone.evaluations
                 elif rows is not None:
                     sol.z = sol.z.detach()
             return sol

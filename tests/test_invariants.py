@@ -367,6 +367,12 @@ def test_statuses_never_lie(data, halting, grad, backward, record):
         alone, f_alone, _ = run(alone_case, opts, grad, backward, record)
         if bool(known[i]) or bool(known_violations(alone_case, f_alone, alone, full_unroll)[0]):
             return   # (a KNOWN_* violation in the batch or in the solve alone)
+        if full_unroll and wants and bool(diverged.any()) and bool(case.fault_rows.any()):
+            # Unroll() records the live rows again once a row died (API: a dead row's gradient is
+            # exactly zero), so f is called more times than passes: the fault injection, which
+            # counts calls, then hits another pass than in the solve alone.
+            event("exempt (iv): Unroll() re-recorded the live rows with a call-counting fault")
+            return
         assert alone.status.tolist() == [int(st_[i])], (alone.status, st_[i])
         assert alone.iterations.tolist() == [int(sol.iterations[i])], (alone.iterations, sol.iterations[i])
         if full_unroll and broyden_line_search(opts["solver"]):
