@@ -172,6 +172,13 @@ class Unroll:
                     for name in ("iterations", "residual", "status", "converged"):
                         setattr(sol, name, getattr(sol, name).index_copy(0, rows, getattr(alone, name)))
                     sol.evaluations += alone.evaluations
+                    if sol.trace is not None:   # (the live rows' history is the re-run's)
+                        T = int(sol.iterations.max())
+                        trace = sol.trace.new_full((T, sol.trace.shape[1]), float("nan"))
+                        trace[:min(T, sol.trace.shape[0])] = sol.trace[:T]
+                        trace[:, rows] = float("nan")
+                        trace[:alone.trace.shape[0], rows] = alone.trace
+                        sol.trace = trace
                 elif rows is not None:
                     sol.z = sol.z.detach()
             return sol

@@ -39,7 +39,7 @@ class SampleLoop:
         self.max_iter, self.criterion, self.check_every, self.round_fn = max_iter, criterion, check_every, round_fn
         self.passes, self.min_iter = path_passes, min_iter
         self.window = 1 if check_every is None else check_every   # passes until the next look
-        self.last_r: Optional[np.ndarray] = None   # each active row's residual at the last look
+        self.recent: Optional[np.ndarray] = None   # each active row's last RECENT residuals
         # the fastest decay per pass assumed before a row's own rate is known
         plain = isinstance(solver, FixedPointIteration)
         self.fastest = FASTEST_PLAIN if plain else FASTEST_ACCELERATED
@@ -202,8 +202,7 @@ class SampleLoop:
         `Depth(K)` stops every row at K: the look is placed there. A read-out criterion gives
         no prediction: a look every pass. Counts and answers are exact whatever the window;
         only the passes that a stopped row waits change."""
-        last_r, r = self.last_r, R[-1] if rows is None else R[-1][rows]
-        self.last_r = r
+        r = R[-1] if rows is None else R[-1][rows]
         if self.check_every is not None:
             return
         k1 = k + 1
@@ -211,30 +210,41 @@ class SampleLoop:
             depth = self.criterion.depth()
             self.window = 1 if depth is None else max(1, depth - k1)
             return
-        prev = R[-2] if R.shape[0] > 1 else last_r
-        if rows is not None and prev is not None:
-            prev = prev[rows]
+        # each row's fastest fall per pass among its last passes (a residual that falls unevenly,
+        # e.g. under a rotation, must not be predicted by its slower passes: that would look late)
+        seq = R if self.recent is None else np.concatenate((self.recent, R))[-RECENT:]   # the last residuals
+        fastest = None
+        if seq.shape[0] > 1:
+            ratio = seq[1:] / np.where(seq[:-1] > 0, seq[:-1], np.inf)
+            fastest = np.where(ratio > 0, ratio, np.inf).min(0)
+            if rows is not None:
+                fastest = fastest[rows]
+        self.recent = seq if rows is None else seq[:, rows]
         thr = r - (E[-1] if rows is None else E[-1][rows])        # each row's tolerance
         # (rows with a zero or non-finite tolerance or residual are told apart before dividing,
         # so no division by zero warns)
         fine = (thr > 0) & (r > thr) & np.isfinite(r)
         far = np.where(fine, r, 2.0) / np.where(fine, thr, 1.0)      # how far above its tolerance
-        # Passes until each row meets its tolerance: at its measured decay rate, and at most as
+        # Passes until each row meets its tolerance: at its fastest fall so far, and at most as
         # fast as `self.fastest` per pass.
-        if prev is None:
+        if fastest is None:
             ok = np.zeros_like(fine)
             rho = far
         else:
-            ok = fine & (prev > r) & (r > 0)
-            rho = np.where(ok, r, 0.5) / np.where(ok, prev, 1.0)
-        window = DEFAULT_WINDOW
-        if (~ok & fine & (far <= NEAR)).any() or (~fine & (r > thr)).any():
-            window = 1   # (a row near its tolerance whose residual did not fall: it may stop any pass)
-        elif ok.any() or prev is None:
-            fast = np.log(far) / -np.log(self.fastest)
-            if ok.any() and self.safety:
-                fast[ok] = np.maximum(fast[ok], np.log(far[ok]) / -np.log(rho[ok]) * self.safety)
-            window = min(window, int(fast.max()))
+            ok = fine & (fastest > 0) & (fastest < 1)
+            rho = np.where(ok, fastest, 0.5)
+        # Each row's predicted passes: none for a row within CLOSE of its tolerance (rounding can
+        # stop it any pass) or near it while its residual does not fall; else at most as fast as
+        # `self.fastest` a pass, and for a falling row at its fastest recent fall (discounted by
+        # `self.safety`). The slowest row's prediction sets the window: only its stop must be
+        # caught at once (a faster row that waits costs rows, not calls).
+        passes = np.log(far) / -np.log(self.fastest)
+        if ok.any() and self.safety:
+            passes[ok] = np.maximum(passes[ok], np.log(far[ok]) / -np.log(rho[ok]) * self.safety)
+        passes[(far <= CLOSE) | (~ok & (far <= NEAR))] = 0.0
+        passes[~fine & (r > thr)] = 0.0   # (a tolerance of 0 or a non-finite residual: no prediction)
+        passes[~fine & ~(r > thr)] = np.inf
+        window = DEFAULT_WINDOW if passes.size == 0 else int(min(DEFAULT_WINDOW, passes.max()))
         self.window = max(window, self.min_iter - k1, 1)
 
 
@@ -247,10 +257,14 @@ SAFETY = 0.75
 SAFETY_ACCELERATED = 0.0
 #: the fastest decay per pass assumed for a row: plain iteration (its contraction factor), and an
 #: accelerated solver (which can beat its own history: exact in a few steps on a small linear map)
-FASTEST_PLAIN = 0.1
+FASTEST_PLAIN = 0.01
 FASTEST_ACCELERATED = 1e-3
 #: a row whose residual did not fall, within this factor of its tolerance, gets a look every pass
 NEAR = 16.0
+#: any row within this factor of its tolerance gets a look every pass
+CLOSE = 2.0
+#: the residuals per row whose fastest fall predicts its passes
+RECENT = 6
 
 
 def _stacked(ts: List[Tensor]) -> Tensor:
