@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_float, as_int
+from ._solve import solve
 
 
 @dataclass
@@ -217,7 +218,6 @@ class LoopedLM(nn.Module):
         Returns:
             The logits `[B, T, vocab_size]` and the `Solution` of the core's solve.
         """
-        from ._solve import solve   # (a model built on the solver; the solver never imports it)
         check_tokens(tokens, self)
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         e = self.prelude(tokens, positions)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._solution import Solution, Status
+from ._tree import map_tensors
 
 #: A sample is DIVERGED when its residual is not finite, or exceeds this multiple of its
 #: starting scale: max(||f(z0)-z0|| + ||f(z0)||, the norm of an all-ones sample). The floor
@@ -160,7 +161,6 @@ def finite_dead_rows(x: Any, status: Tensor) -> Any:
     """x with the non-finite entries of DIVERGED rows replaced by 0 (for a graph of f over the
     whole batch, under halting="batch": those rows' outputs are masked out, and must then
     meet only finite numbers in backward)."""
-    from ._tree import map_tensors   # (a leaf module; imported here to keep this one's imports flat)
     dead = status == DIVERGED_CODE
 
     def clean(t: Tensor) -> Tensor:

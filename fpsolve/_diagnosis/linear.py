@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._rules import sample_norm
 from .._tree import map_tensors, select_rows, tensors_in
-from . import spectral
+from .spectral import Linearization, arnoldi, krylov_solve, ritz_values
 from .common import Account, Point, Problem
 
 #: Relative size of the random perturbation of x used for the sensitivity.
@@ -53,7 +53,7 @@ def analyse(problem: Problem, point: Point, krylov: int, jacobian: str, gen: tor
             account.evaluations["other"] += B
         runs = _arnoldi_runs(problem, point, starts, k, jacobian, gen, account, out)
         Q, H, b = runs[0]
-        ritz = spectral.ritz_values(H[:B])
+        ritz = ritz_values(H[:B])
         out.eigenvalues = ritz.cpu()
         out.radius = ritz.abs().amax(dim=1).to(point.z.dtype)
         out.distance = _distance(Q[:B], H[:B], b[:B], point, problem.opts.rule.norm)
@@ -77,8 +77,8 @@ def _arnoldi_runs(problem: Problem, point: Point, starts: List[Tensor], k: int, 
     runs = []
     for start in groups:
         reps = start.shape[0] // B
-        lin = spectral.Linearization(problem.flat_fn, point.z.repeat(reps, 1), stack_rows(problem.x, reps), jacobian)
-        Q, H = spectral.arnoldi(lin, start, k, gen)
+        lin = Linearization(problem.flat_fn, point.z.repeat(reps, 1), stack_rows(problem.x, reps), jacobian)
+        Q, H = arnoldi(lin, start, k, gen)
         runs.append((Q, H, start))
         account.evaluations["jvp"] += lin.jvp_rows
         account.evaluations["differences"] += lin.f_rows
@@ -91,7 +91,7 @@ def _arnoldi_runs(problem: Problem, point: Point, starts: List[Tensor], k: int, 
 def _distance(Q: Tensor, H: Tensor, b: Tensor, point: Point, norm: str) -> Tensor:
     """The Newton step's length ||(I - J)^-1 (f(z) - z)||, extrapolated over the part the Krylov
     space leaves unresolved (inf when nothing is resolved; 0 at an exact root)."""
-    e, rel = spectral.krylov_solve(Q, H, b)
+    e, rel = krylov_solve(Q, H, b)
     step = sample_norm(e, norm)
     distance = torch.where(rel < 0.99, step / (1 - rel).clamp_min(1e-2), float("inf"))
     return torch.where(point.residual > 0, distance, 0.0).to(point.z.dtype)
@@ -100,7 +100,7 @@ def _distance(Q: Tensor, H: Tensor, b: Tensor, point: Point, norm: str) -> Tenso
 def _sensitivity(Q: Tensor, H: Tensor, b: Tensor, z: Tensor, moved: Tensor) -> Tensor:
     """Relative change of z* (the linear response dz = (I - J)^-1 b) over the relative change
     `moved` of x; inf for z* = 0 moved at all."""
-    dz, rel = spectral.krylov_solve(Q, H, b)
+    dz, rel = krylov_solve(Q, H, b)
     change = torch.linalg.vector_norm(dz, dim=1) / (1 - rel).clamp_min(1e-2)
     change = torch.where(rel < 0.99, change, float("inf"))
     size = torch.linalg.vector_norm(z, dim=1)

@@ -1,23 +1,25 @@
 """Figures for `fpsolve.diagnose` reports (matplotlib is an optional extra: `pip install fpsolve[plot]`).
 
 matplotlib is imported inside the functions, so importing fpsolve never needs it. This module
-reads a finished `Report` only: it imports `report` (flags, colours), never the analysis.
+reads a finished `Report` only, through the report itself (its flags and its colours,
+`Report._colors`): it imports no other part of diagnose, so no import runs in a circle.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from .report import HEALTHY_COLOR, Report, flag_colors
+if TYPE_CHECKING:   # (for the annotations only)
+    from .report import Report
 
 
-def _worst(report: Report, i: int) -> Any:
+def _worst(report: "Report", i: int) -> Any:
     flags = report.flags[i]
     return min(flags, key=lambda f: f.severity) if flags else None
 
 
-def plot_report(report: Report, *, max_samples: int = 200, title: Optional[str] = None) -> Any:
+def plot_report(report: "Report", *, max_samples: int = 200, title: Optional[str] = None) -> Any:
     """Three panels: the solve's residual per sample, plain iteration's residual, and the spectrum.
 
     Flagged samples are drawn in the colour of their worst flag, healthy ones in light grey
@@ -26,7 +28,7 @@ def plot_report(report: Report, *, max_samples: int = 200, title: Optional[str] 
     """
     import matplotlib.pyplot as plt
 
-    colors = flag_colors()
+    colors, HEALTHY_COLOR = report._colors()
     B = len(report.flags)
     order = report.order()[:max_samples][::-1]   # worst drawn last (on top)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
@@ -77,4 +79,4 @@ def plot_report(report: Report, *, max_samples: int = 200, title: Optional[str] 
     return fig
 
 
-__all__ = ["plot_report", "flag_colors"]
+__all__ = ["plot_report"]

@@ -345,6 +345,11 @@ class Report:
         from .plot import plot_report   # matplotlib is an optional extra
         return plot_report(self, **kwargs)
 
+    @staticmethod
+    def _colors() -> "tuple[Dict[Flag, str], str]":
+        """(one colour per Flag, the healthy colour): what the figures draw with."""
+        return flag_colors(), HEALTHY_COLOR
+
 
 #: One colour per `Flag` (tab10 order, worst first), the same in every figure.
 _PALETTE = ("#d62728", "#ff7f0e", "#8c564b", "#1f77b4", "#9467bd", "#7f7f7f", "#bcbd22", "#17becf", "#2ca02c",
