@@ -131,9 +131,14 @@ class SampleLoop:
         met = E <= 0
         if k + 1 - (w - 1) < self.min_iter:   # (no stop by the criterion before min_iter evaluations)
             met &= (k + 1 - (w - 1) + np.arange(w) >= self.min_iter)[:, None]
-        first, codes = first_stops(R, met, self.limit, w - 1 if last else w, self.done_code)
+        if not last and not met.any() and (R <= self.limit).all():   # (nothing stops: no search)
+            first, codes = np.full(self.n_active, w), np.full(self.n_active, -1)
+            calm = True
+        else:
+            first, codes = first_stops(R, met, self.limit, w - 1 if last else w, self.done_code)
+            calm = bool((codes < 0).all())
         best_r = self.best_r
-        if (codes < 0).all() and (best_r is None or (R[-1] < best_r).all()) and (R[1:] < R[:-1]).all():
+        if calm and (best_r is None or (R[-1] < best_r).all()) and (w == 1 or (R[1:] < R[:-1]).all()):
             # quiet: nothing stopped and every residual fell at every pass, so the last
             # iterate is every row's best (no gather, no copy)
             self.best_z, self.best_row, self.best_r = win_z[-1], None, R[-1]
@@ -209,6 +214,16 @@ class SampleLoop:
         if self.criterion is not None:
             depth = self.criterion.depth()
             self.window = 1 if depth is None else max(1, depth - k1)
+            return
+        if not self.safety:   # (an accelerated solver: only the fastest plausible fall bounds it)
+            thr = r - (E[-1] if rows is None else E[-1][rows])
+            fine = (thr > 0) & (r > thr) & np.isfinite(r)
+            if not fine.all():
+                self.window = max(1, self.min_iter - k1) if (r > thr).any() else DEFAULT_WINDOW
+                return
+            far = (r / thr).max()
+            window = 0 if far <= NEAR else int(min(DEFAULT_WINDOW, np.log(far) / -np.log(self.fastest)))
+            self.window = max(window, self.min_iter - k1, 1)
             return
         # each row's fastest fall per pass among its last passes (a residual that falls unevenly,
         # e.g. under a rotation, must not be predicted by its slower passes: that would look late)

@@ -313,9 +313,9 @@ class _SlotLoop:
         rr, rf, rm = self.ring_r.unbind(0), self.ring_f.unbind(0), self.ring_met.unbind(0)
         ring = self.ring_z[self.parity].unbind(0)
         f_ring = None if self.f_store is None else self.f_store.view((2, K) + tuple(self.z.shape))[self.parity]
-        # each row's k per pass, for the solver's restarts and the criterion's (plain iteration
-        # with the residual rule has no use for it)
-        needs_k = criterion is not None or type(solver) is not FixedPointIteration
+        # each row's evaluation count per pass (an accelerated solver's slot index; a restart is
+        # told by `reset` at the refill; plain iteration has no use for it)
+        needs_k = type(solver) is not FixedPointIteration
         ks = torch.from_numpy(self.st.age + self.st.steps).to(self.dev).unbind(0) if needs_k else range(K)
         z, state, cstate = self.z, self.state, self.cstate
         for p in range(K):
@@ -328,7 +328,7 @@ class _SlotLoop:
             else:
                 g = self.write_pass(z, fz, ring[p], rr[p], rf[p])
             if criterion is not None:
-                met, cstate = criterion(z, fz, criterion.reset(cstate, ks[p] == 0))
+                met, cstate = criterion(z, fz, cstate)
                 rm[p].copy_(met)
                 if f_ring is not None:
                     f_ring[p].copy_(fz)
@@ -380,6 +380,12 @@ class _SlotLoop:
         slot is live any more."""
         st, dev, n_emit = self.st, self.dev, emit.size
         emit_t = index_tensor(emit, dev)
+        # every emitted slot starts afresh: the solver's and the criterion's one reset hook
+        fresh = torch.zeros(self.S, dtype=torch.bool, device=dev).index_fill_(0, emit_t, True)
+        if self.state is not None and hasattr(self.solver, "reset"):
+            self.state = self.solver.reset(self.state, fresh)
+        if self.criterion is not None:
+            self.cstate = self.criterion.reset(self.cstate, fresh)
         x_new, n_new = self.rows.take(n_emit)
         if n_new:
             slot = emit_t[:n_new]

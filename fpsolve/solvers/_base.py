@@ -31,8 +31,11 @@ class Solver(Protocol):
     place when autograd is not recording.
 
     Per-row stepping (`fpsolve.stream`, fixed shapes): `k` may also be an int64 tensor `[b]`
-    of per-row counts; `k[i] == 0` means row i holds a new sample, whose step must ignore the
-    row's history exactly as if `init` had been called for that row alone. Such a step does
+    of per-row counts (`k[i] == 0` for a row that holds a new sample). A new sample's step must
+    ignore the row's history exactly as if `init` had been called for that row alone: the
+    built-in solvers learn which rows restart from their `reset(state, fresh)` hook, which
+    `stream` calls at a refill, as it calls a criterion's `reset` (a solver without `reset`
+    reads `k == 0`). Such a step does
     no host sync and has no data-dependent shape (it may run under torch.compile), and each
     row follows the trajectory of the int-k path. A solver that supports this says so with
     the class attribute `per_row = True` (optional, so not a protocol member: a solver

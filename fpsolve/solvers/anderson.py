@@ -116,7 +116,8 @@ class Anderson:
         # by the first step that needs them; last, the mode: "calm" (no rejection yet: the
         # residuals live on the host, as numpy arrays, and the test costs no device op),
         # "guarded" (per-sample bookkeeping on the device), or True once per-row stepping has
-        # zeroed the history (it reads every slot).
+        # zeroed the history (it reads every slot): from then on, the rows that `reset` marked to
+        # start afresh at their next per-row step (bool [b]).
         return (dg_hist, dz_hist, system, flat(g), flat(self._anchor(z, fz)), None, None, None, False)
 
     def _anchor(self, z: Tensor, fz: Tensor) -> Tensor:
@@ -325,11 +326,13 @@ class Anderson:
                 *compact_rest(rest, keep))
 
     def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
-        """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
-        no host sync; slots are written per row with index_put and read through masks."""
-        dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, zeroed = state
+        """One step with a per-row count k [b] (slot index); rows marked by `reset` (every row at
+        the first per-row step) start afresh: fixed shapes, no host sync; slots are written per
+        row with index_put and read through masks."""
+        dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, pending = state
         b = z.shape[0]
-        if zeroed is not True:   # (once) slots not yet written must hold finite numbers: they meet 0·x
+        fresh = (pending | (k == 0)) if isinstance(pending, Tensor) else torch.ones(b, dtype=torch.bool, device=z.device)
+        if not isinstance(pending, Tensor):   # (once) slots not yet written must hold finite numbers: they meet 0·x
             dg_hist.zero_()
             dz_hist.zero_()
             system.zero_()
@@ -339,7 +342,6 @@ class Anderson:
             counts = torch.zeros(b, 4, dtype=torch.int64, device=z.device)
         m, rows = self.m, torch.arange(b, device=z.device)
         gf, af = flat(g), flat(self._anchor(z, fz))
-        fresh = k == 0
         r = torch.linalg.vector_norm(gf, dim=1)
         if self.safeguard:
             reject, counts, use, checked = self._guard(r, r_prev, checked, counts, fresh)
@@ -369,5 +371,25 @@ class Anderson:
         rej = reject.unsqueeze(1)
         z_next = torch.where(rej, self._plain(g_prev, a_prev), z_acc)
         state = (dg_hist, dz_hist, system, torch.where(rej, g_prev, gf), torch.where(rej, a_prev, af),
-                 torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)), checked, counts, True)
+                 torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)), checked, counts,
+                 torch.zeros_like(fresh))
         return z_next.view(z.shape), state
+
+    def reset(self, state: State, fresh: Tensor) -> State:
+        """Restart the rows `fresh` (a refilled `stream` slot) at their next per-row step.
+
+        That step ignores their history, exactly as if `init` had been called for those rows
+        alone (a row whose count k is 0 is restarted too, for callers that drive the steps).
+
+        Args:
+            state: The solver state of the rows in flight.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, with those rows marked to start afresh at their next step.
+        """
+        *rest, pending = state
+        if isinstance(pending, Tensor):
+            fresh = pending | fresh
+        return (*rest, fresh)
+

@@ -124,8 +124,8 @@ class Broyden:
         # and the step length of the current trial (made by the first step that needs them: in
         # `solve` they live on the host, as numpy arrays, where the line search decides); last,
         # the mode: "calm" (no sample backtracking: g_prev, z_prev are the loop's tensors),
-        # "guarded" (own copies, updated in place), or True once per-row stepping has zeroed
-        # u and v (it reads every pair).
+        # "guarded" (own copies, updated in place), or, once per-row stepping has zeroed u and v
+        # (it reads every pair), the rows that `reset` marked to start afresh (bool [b]).
         return (u, v, g.reshape(b, n), z.reshape(b, n), 0, None, None, False)
 
     def compact(self, state: State, keep: Tensor) -> State:
@@ -327,11 +327,13 @@ class Broyden:
         return (dz - h_dg).mul_(inv)
 
     def _step_rows(self, state: State, z: Tensor, fz: Tensor, g: Tensor, k: Tensor) -> Tuple[Tensor, State]:
-        """One step with a per-row count k [b] (rows with k == 0 start afresh): fixed shapes,
-        no host sync. Row i writes pair (k_i - 1) mod memory and reads the pairs before it,
-        which is exactly the restart rule of the shared count."""
-        u_hist, v_hist, g_prev, z_prev, _, r_prev, t, zeroed = state
-        if zeroed is not True:   # (once) pairs not yet written must hold finite numbers: they meet 0·x
+        """One step with a per-row count k [b]; rows marked by `reset` (every row at the first
+        per-row step) start afresh: fixed shapes, no host sync. Row i writes pair (k_i - 1) mod
+        memory and reads the pairs before it, which is exactly the restart rule of the shared count."""
+        u_hist, v_hist, g_prev, z_prev, _, r_prev, t, pending = state
+        fresh = (pending | (k == 0)) if isinstance(pending, Tensor) else \
+            torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        if not isinstance(pending, Tensor):   # (once) pairs not yet written must hold finite numbers: they meet 0·x
             u_hist.zero_()
             v_hist.zero_()
         b, mem = z.shape[0], self.memory
@@ -339,7 +341,6 @@ class Broyden:
             r_prev, t = z.new_zeros(b, WINDOW), z.new_ones(b)
         rows = torch.arange(b, device=z.device)
         gf, zf = g.reshape(b, 1, -1), z.reshape(b, 1, -1)
-        fresh = k == 0
         r = torch.linalg.vector_norm(gf, dim=2).squeeze(1)
         reject = self._reject(r, r_prev, t) & ~fresh if self.line_search else torch.zeros_like(fresh)
         c = torch.remainder(k - 1, mem)
@@ -365,5 +366,24 @@ class Broyden:
         else:   # (the textbook formula, as in step())
             z_from, z_next = zf, torch.addcmul(fz.reshape(b, 1, -1) - comb[:, 1:], gv, new_u, value=-1.0)
         state = (u_hist, v_hist, g_from.view(b, -1), z_from.view(b, -1), 0,
-                 torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)), t, True)
+                 torch.where(fresh.unsqueeze(1), r.unsqueeze(1), remember(r_prev, r, reject)), t,
+                 torch.zeros_like(fresh))
         return z_next.view_as(fz), state
+
+    def reset(self, state: State, fresh: Tensor) -> State:
+        """Restart the rows `fresh` (a refilled `stream` slot) at their next per-row step.
+
+        That step ignores their history, exactly as if `init` had been called for those rows
+        alone (a row whose count k is 0 is restarted too, for callers that drive the steps).
+
+        Args:
+            state: The solver state of the rows in flight.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, with those rows marked to start afresh at their next step.
+        """
+        *rest, pending = state
+        if isinstance(pending, Tensor):
+            fresh = pending | fresh
+        return (*rest, fresh)

@@ -70,3 +70,15 @@ class FixedPointIteration:
         if self.damping == 1.0:
             return fz, state
         return z.add(g, alpha=self.damping), state
+
+    def reset(self, state: State, fresh: Tensor) -> State:
+        """Nothing to restart: plain iteration keeps no history.
+
+        Args:
+            state: The (empty) state.
+            fresh: bool `[b]`: the rows that now hold a new sample.
+
+        Returns:
+            The state, unchanged.
+        """
+        return state
