@@ -158,8 +158,8 @@ class Unroll:
             fn = run.fn if self.checkpoint is None else _PerCallCheckpoint(run.fn)
             with torch.enable_grad():
                 sol = run.forward(fn=fn, check_every=1)
-                rows = live_rows(sol.status) if run.per_sample else None
-                if rows is not None and rows.numel():
+                rows = live_rows(sol.status)
+                if rows is not None and rows.numel() and run.per_sample:
                     # A diverged row's passes are in the graph (0 * nan reaches shared
                     # parameters): the live rows are recorded again without it (f treats
                     # samples independently under halting="sample", so their values agree).
@@ -179,6 +179,23 @@ class Unroll:
                         trace[:, rows] = float("nan")
                         trace[:alone.trace.shape[0], rows] = alone.trace
                         sol.trace = trace
+                elif rows is not None and rows.numel():
+                    # halting="batch": the batch is recorded again with the dead rows held at
+                    # their start and their non-finite inputs zeroed (their outputs are masked
+                    # out, and meet only finite numbers in backward); the live rows' result is
+                    # the re-run's (the same passes when f treats samples independently).
+                    dead = sol.status == int(Status.DIVERGED)
+                    x = finite_dead_rows(run.x, sol.status)
+                    again = run.forward(fn=fn, check_every=1, x=x, fz0=fn(run.z0, x), frozen=dead)
+                    keep = ~dead
+                    sol.z = torch.where(keep.view((-1,) + (1,) * (sol.z.ndim - 1)), again.z, sol.z.detach())
+                    for name in ("residual", "status", "converged"):
+                        setattr(sol, name, torch.where(keep, getattr(again, name), getattr(sol, name)))
+                    sol.iterations = again.iterations   # (one count for the batch: the re-run's)
+                    sol.evaluations += again.evaluations
+                    if sol.trace is not None:
+                        T = min(sol.trace.shape[0], again.trace.shape[0])
+                        sol.trace = torch.where(keep[None], again.trace[:T], sol.trace[:T])
                 elif rows is not None:
                     sol.z = sol.z.detach()
             return sol

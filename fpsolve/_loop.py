@@ -129,10 +129,13 @@ def iterate_batch(s: dict) -> Solution:
     bcast = (-1,) + (1,) * (z0.ndim - 1)
     measure = measurer(rule, criterion, z0)
     low = floor(z0[0].numel(), rule.norm)
-    dead_mask: Optional[Tensor] = None
-    any_dead = False
+    dead_mask: Optional[Tensor] = s.get("frozen")
+    any_dead = dead_mask is not None
     z, fz = z0, s["fz0"]
     safe_z = safe_r = limit = None
+    if any_dead:   # (rows known dead: held at their start, DIVERGED, from the first pass)
+        dead_mask, safe_z, safe_r = dead_mask.clone(), z0, torch.zeros(B, dtype=z0.dtype, device=dev)
+        bad = torch.zeros(B, dtype=torch.bool, device=dev)
     state = None
     cstate = criterion.init(z0) if criterion is not None else None
     evaluations = 0

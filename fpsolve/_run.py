@@ -33,6 +33,7 @@ class Run:
     round_fn: Optional[Callable[[Tensor], Tensor]] = None
     path_passes: Tuple[int, ...] = field(default=())
     min_iter: int = 1
+    frozen: Optional[Tensor] = None   # halting="batch": rows held DIVERGED at their start throughout
 
     def forward(self, **changes: Any) -> Solution:
         """Iterate to a Solution (z in the loop's layout), with some settings changed."""

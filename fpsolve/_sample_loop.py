@@ -34,7 +34,7 @@ class SampleLoop:
     def __init__(self, fn: Map, z0: Tensor, x: Any, fz0: Tensor, solver: Solver, rule: Residual, max_iter: int,
                  per_sample: bool, criterion: Optional[PackedCriterion], record: bool, check_every: Optional[int],
                  round_fn: Optional[Callable[[Tensor], Tensor]], path_passes: Tuple[int, ...],
-                 min_iter: int = 1) -> None:
+                 min_iter: int = 1, frozen: Optional[Tensor] = None) -> None:
         self.fn, self.z0, self.x, self.fz0, self.solver, self.rule = fn, z0, x, fz0, solver, rule
         self.max_iter, self.criterion, self.check_every, self.round_fn = max_iter, criterion, check_every, round_fn
         self.passes, self.min_iter = path_passes, min_iter
