@@ -252,3 +252,6 @@ def test_the_trm_example_trains_the_same_with_carry_and_by_hand(capsys):
     looped_trm = pytest.importorskip("looped_trm")
     out = looped_trm.main(["--steps", "12"])
     assert out["diff"] <= 1e-6 and out["accuracy"] == out["accuracy_hand"]
+    h = out["halting"]   # (through stream: fixed depth runs every pass, a halt rule at most that)
+    assert h["fixed depth"]["passes"] == 12.0 and h["Q head"]["passes"] <= 12.0 and h["fixed point"]["passes"] <= 12.0
+    assert h["fixed depth"]["cells"] == out["accuracy"][0]
