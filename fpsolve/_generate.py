@@ -15,7 +15,7 @@ at the next pass, is not built yet).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
 from torch import Tensor

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from ._criteria import PackedCriterion, Residual
-from ._rules import check_step, check_untouched, constant, floor, limit as divergence_limit, solution, version
+from ._rules import (check_step, check_untouched, constant, done_code, floor, limit as divergence_limit, solution,
+                     version)
 from ._solution import Solution, Status
-from .solvers._base import Solver
 
 Map = Callable[[Tensor, Any], Tensor]
 Trace = List[Tuple[Optional[Tensor], Tensor]]      # per pass: (original rows or None, residuals)
@@ -72,11 +72,6 @@ def measurer(rule: Residual, criterion: Optional[PackedCriterion], z0: Tensor) -
         return g, rn, fnorm, excess, cstate
 
     return measure
-
-
-def done_code(criterion: Any) -> int:
-    """The status of a sample whose criterion held: CONVERGED for the residual rule, else HALTED."""
-    return int(Status.CONVERGED) if criterion is None else int(Status.HALTED)
 
 
 def make_trace(trace_rows: Optional[Trace], it: Tensor, B: int, dtype: torch.dtype) -> Optional[Tensor]:
@@ -200,5 +195,5 @@ def iterate_batch(s: dict) -> Solution:
     return sol
 
 
-__all__ = ["iterate_batch", "call_f", "measurer", "check_start", "done_code",
+__all__ = ["iterate_batch", "call_f", "measurer", "check_start",
            "make_trace", "kept_path"]

@@ -19,9 +19,8 @@ The protocol a user's own looped LM implements to use `generate` (`LoopedLM` is 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -15,7 +15,7 @@ from ._backward import Backward, make_backward
 from ._checks import as_bool, as_int, as_tolerances
 from ._correction import Correction, check_correction
 from ._criteria import Depth, Residual, make_criterion
-from ._solution import Status
+from ._rules import done_code
 from .solvers import Solver, make_solver
 
 HALTINGS = ("sample", "batch")
@@ -110,8 +110,8 @@ class Options:
 
     @property
     def done_code(self) -> int:
-        """The status of a sample whose criterion held: CONVERGED for the residual rule, else HALTED."""
-        return int(Status.CONVERGED) if self.criterion is None else int(Status.HALTED)
+        """The status of a sample whose criterion held (`_rules.done_code`)."""
+        return done_code(self.criterion)
 
     @property
     def path_passes(self) -> Tuple[int, ...]:

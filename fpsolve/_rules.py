@@ -185,6 +185,12 @@ class Finished:
         self.rows, self.z, self.residual, self.iterations, self.status = rows, z, residual, iterations, status
 
 
+def done_code(criterion: Any) -> int:
+    """The status of a sample whose criterion held: CONVERGED for the residual rule (no other
+    criterion), HALTED for any other criterion."""
+    return int(Status.CONVERGED) if criterion is None else int(Status.HALTED)
+
+
 def converged(status: Tensor) -> Tensor:
     """Where a sample's criterion held: CONVERGED or HALTED."""
     return (status == int(Status.CONVERGED)) | (status == int(Status.HALTED))
@@ -243,5 +249,5 @@ def index_tensor(a: np.ndarray, dev: torch.device) -> Tensor:
 
 
 __all__ = ["DIVERGENCE_FACTOR", "constant", "sample_norm", "floor", "limit", "limit_np", "first_stops",
-           "window_answers", "check_step", "rounding", "Finished", "converged", "assemble", "solution",
+           "window_answers", "check_step", "rounding", "Finished", "done_code", "converged", "assemble", "solution",
            "NUMPY", "host_arrays", "joined_to_host", "index_tensor"]

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ._criteria import PackedCriterion, Residual
-from ._loop import Kept, Map, Trace, call_f, check_start, done_code, kept_path, make_trace, measurer
-from ._rules import (Finished, assemble, first_stops, floor, host_arrays, index_tensor, limit as divergence_limit,
+from ._loop import Kept, Map, Trace, call_f, check_start, kept_path, make_trace, measurer
+from ._rules import (Finished, assemble, done_code, first_stops, floor, host_arrays, index_tensor, limit as divergence_limit,
                      solution, window_answers)
 from ._solution import Solution
 from ._tree import select_rows

@@ -412,39 +412,36 @@ class _SlotLoop:
         return True
 
 
-def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Tensor, l2: bool) -> Tensor:
+def _record_pass(z: Tensor, fz: Tensor, z_out: Tensor, r_out: Tensor, f_out: Tensor, norm: str) -> Tensor:
     """A pass's bookkeeping: its iterate into the ring, ||f(z) - z|| and ||f(z)||; returns g."""
     g = fz - z
-    norm = "l2" if l2 else "inf"
     sample_norm(g, norm, out=r_out)
     sample_norm(fz, norm, out=f_out)
     z_out.copy_(z)
     return g
 
 
-def _window_norms(ring: Tensor, l2: bool) -> Tuple[Tensor, Tensor]:
+def _window_norms(ring: Tensor, norm: str) -> Tuple[Tensor, Tensor]:
     """Plain iteration's residual norms [K, S] for a whole window from its iterates z_0..z_K
     (f(z_p) = z_(p+1)): the same numbers as pass by pass, in three ops."""
-    norm = "l2" if l2 else "inf"
     return sample_norm(ring[1:] - ring[:-1], norm, start=2), sample_norm(ring[1:], norm, start=2)
 
 
-_COMPILED: dict = {}   # (what, l2) -> the torch.compile'd bookkeeping, made once per process
+_COMPILED: dict = {}   # (what, norm) -> the torch.compile'd bookkeeping, made once per process
 
 
 def _bookkeeping(what: str, norm: str, compile: bool) -> Callable[..., Any]:
     """`_record_pass` ("pass") or `_window_norms` ("window") for this norm, compiled with
     torch.compile when asked (once per process; dynamo recompiles per shape)."""
-    l2 = norm == "l2"
     if what == "pass":
-        fn: Callable[..., Any] = lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, l2)  # noqa: E731
+        fn: Callable[..., Any] = lambda z, fz, z_out, r_out, f_out: _record_pass(z, fz, z_out, r_out, f_out, norm)  # noqa: E731
     else:
-        fn = lambda ring: _window_norms(ring, l2)  # noqa: E731
+        fn = lambda ring: _window_norms(ring, norm)  # noqa: E731
     if not compile:
         return fn
-    if (what, l2) not in _COMPILED:
-        _COMPILED[what, l2] = torch.compile(fn, dynamic=False)
-    return _COMPILED[what, l2]
+    if (what, norm) not in _COMPILED:
+        _COMPILED[what, norm] = torch.compile(fn, dynamic=False)
+    return _COMPILED[what, norm]
 
 
 def _private(t: Tensor, device: torch.device) -> Tensor:

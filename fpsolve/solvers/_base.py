@@ -85,6 +85,23 @@ class Solver(Protocol):
         ...
 
 
+def restart_rows(state: State, fresh: Tensor) -> State:
+    """A per-row state (last entry: the rows to restart at their next per-row step) with the
+    rows `fresh` marked too; before any per-row step every row starts afresh anyway."""
+    *rest, pending = state
+    if not isinstance(pending, Tensor):
+        return state
+    return (*rest, pending | fresh)
+
+
+def restarting(pending: Any, k: Tensor) -> Tensor:
+    """The rows a per-row step restarts: those marked by `reset`, and those whose count k is 0
+    (every row at the first per-row step)."""
+    if not isinstance(pending, Tensor):
+        return torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
+    return pending | (k == 0)
+
+
 def compact(state: State, index: Tensor) -> State:
     """Keep the rows `index` of every tensor in a solver state (other entries unchanged)."""
     return tuple(s.index_select(0, index) if isinstance(s, Tensor) else s for s in state)

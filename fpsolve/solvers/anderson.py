@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._base import (State, check_positive, compact_rest, flat, is_ascending, keep_rows, recorded_solve, remember,
-                    shift_in, to_host, write_slot)
+                    restart_rows, restarting, shift_in, to_host, write_slot)
 
 #: A plain step that multiplies a sample's residual by more than this shows that plain
 #: iteration does not contract there: the safeguard is switched off for that sample.
@@ -331,7 +331,7 @@ class Anderson:
         row with index_put and read through masks."""
         dg_hist, dz_hist, system, g_prev, a_prev, r_prev, checked, counts, pending = state
         b = z.shape[0]
-        fresh = (pending | (k == 0)) if isinstance(pending, Tensor) else torch.ones(b, dtype=torch.bool, device=z.device)
+        fresh = restarting(pending, k)
         if not isinstance(pending, Tensor):   # (once) slots not yet written must hold finite numbers: they meet 0·x
             dg_hist.zero_()
             dz_hist.zero_()
@@ -388,8 +388,5 @@ class Anderson:
         Returns:
             The state, with those rows marked to start afresh at their next step.
         """
-        *rest, pending = state
-        if isinstance(pending, Tensor):
-            fresh = pending | fresh
-        return (*rest, fresh)
+        return restart_rows(state, fresh)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._base import (IN_PLACE_BYTES, State, check_positive, compact_rest, is_ascending, keep_rows, recorded_reciprocal,
-                    remember, shift_in, to_host, write_slot)
+                    remember, restart_rows, restarting, shift_in, to_host, write_slot)
 
 #: Armijo's sufficient-decrease constant on the residual norm.
 ARMIJO = 1e-4
@@ -331,8 +331,7 @@ class Broyden:
         per-row step) start afresh: fixed shapes, no host sync. Row i writes pair (k_i - 1) mod
         memory and reads the pairs before it, which is exactly the restart rule of the shared count."""
         u_hist, v_hist, g_prev, z_prev, _, r_prev, t, pending = state
-        fresh = (pending | (k == 0)) if isinstance(pending, Tensor) else \
-            torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        fresh = restarting(pending, k)
         if not isinstance(pending, Tensor):   # (once) pairs not yet written must hold finite numbers: they meet 0·x
             u_hist.zero_()
             v_hist.zero_()
@@ -383,7 +382,4 @@ class Broyden:
         Returns:
             The state, with those rows marked to start afresh at their next step.
         """
-        *rest, pending = state
-        if isinstance(pending, Tensor):
-            fresh = pending | fresh
-        return (*rest, fresh)
+        return restart_rows(state, fresh)
