@@ -1,30 +1,43 @@
 """`fpsolve.generate`: decoding where each new token's core state is solved to its own fixed point.
 
-The prompt is prefilled as one joint solve (padded positions are held fixed, so a row's solve
+A prompt is prefilled as one joint solve (padded positions are held fixed, so a row's solve
 sees only its own tokens) and the converged keys and values of its positions go into a cache
 that holds one entry per position and core layer. Each new token is then solved alone, by any
 criterion, against that cache: forward substitution on the joint fixed point of the sequence
 (token t depends only on earlier tokens). A token whose state halts is read out by the coda,
 the next token is picked, and its converged keys and values join the cache.
 
-The rows of a group of prompts are solved together with per-sample halting, so a row's
-iterations and tokens do not depend on its batch mates; a group advances one token per step
-for all its live rows (depth-wise continuous batching, where a slot whose token halted moves on
-at the next pass, is not built yet).
+Depth-wise continuous batching: `slots` sequences are in flight, each at its own token and
+pass. The core runs at a fixed shape `[slots, 1, d]` through `stream`'s slot loop (no host
+sync within a window of `check_every` passes; a look then finds each slot's exact stopping
+pass). At a look, every slot whose token halted appends its keys and values, picks its next
+token and starts that token's solve at the next pass; a finished sequence's slot takes the
+next prompt, whose prefill (a joint solve of that prompt) is its only stall. A slot's tokens
+and iterations never depend on its batch mates.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._checks import as_bool, as_float, as_int
+from ._criteria import Depth
 from ._looped_lm import KVCache, check_tokens
 from ._options import SOLVE_DEFAULTS, Options
+from ._rules import index_tensor, rounding
 from ._solution import Status
 from ._solve import solve_with
+from ._stream import _SlotLoop
+from ._tree import StateLayout
+
+#: Cached positions the core attends to grow in blocks of this many (few distinct shapes).
+CACHE_BLOCK = 32
+#: Passes between looks when `check_every` is not given.
+DEFAULT_CHECK_EVERY = 2
 
 
 @dataclass
@@ -63,33 +76,39 @@ class Generation:
 def generate(model: Any, prompts: Iterable[Any], *, max_new_tokens: int, slots: int = 8, criterion: Any = None,
              max_iter: int = 50, min_iter: Optional[int] = None, warm_start: bool = True, solver: Any = "fixed_point",
              rtol: float = 1e-4, atol: float = 0.0, norm: str = "l2", stop_token: Optional[int] = None,
-             temperature: float = 0.0, seed: Optional[int] = None) -> Iterator[Generation]:
+             temperature: float = 0.0, seed: Optional[int] = None, check_every: Optional[int] = None,
+             compile: bool = False) -> Iterator[Generation]:
     """Decode every prompt, each new token's core state solved to its own fixed point.
 
     Greedy by default (`temperature=0`); with `temperature > 0`, tokens are sampled from
-    softmax(logits / temperature) with a generator seeded by `seed`. Runs without gradients.
+    softmax(logits / temperature), each with a generator seeded by (`seed`, the prompt's index,
+    the position), so sampled tokens too do not depend on batch mates. Runs without gradients.
 
     Args:
         model: A `fpsolve.LoopedLM`, or a model with the same protocol (prelude, core,
             keys_values, coda, vocab_size, max_len; see `fpsolve._looped_lm`).
         prompts: An iterable of prompts, each a 1-D sequence of token ids (a tensor or a list).
         max_new_tokens: The most tokens generated per prompt (>= 1).
-        slots: How many prompts are decoded together (>= 1).
+        slots: How many sequences are in flight (>= 1); the core always sees `[slots, 1, d]`.
         criterion: None (the residual rule) or a criterion object, e.g.
-            `fpsolve.OutputKL(lambda h: model.coda(h), tol)` or `fpsolve.Stable(...)`.
+            `fpsolve.OutputKL(lambda h: model.coda(h), tol)`, `fpsolve.Stable(...)`, or
+            `fpsolve.Depth(K)` (fixed depth: K passes per token, and for the prefill).
         max_iter: The most evaluations of the core per token.
         min_iter: None, or the fewest evaluations per token before its criterion may stop it.
         warm_start: Start each token's state from the previous token's converged state (else zeros).
-        solver: The solver of each token's solve.
-        rtol: The residual rule's relative tolerance.
+        solver: The solver of each token's solve ("fixed_point", "anderson", "broyden").
+        rtol: The residual rule's relative tolerance (also the prefill's).
         atol: The residual rule's absolute tolerance.
         norm: "l2" or "inf".
         stop_token: A token id that ends a sequence (it is included in `tokens`), or None.
         temperature: 0 for greedy decoding, else the sampling temperature.
-        seed: The sampling generator's seed (with temperature > 0).
+        seed: The sampling seed (with temperature > 0).
+        check_every: Passes between looks (a look finds each token's exact stopping pass; a
+            halted slot idles until it); None: 2. Tokens and iterations do not depend on it.
+        compile: Compile the per-pass bookkeeping, as in `stream` (compiling the core is yours).
 
     Yields:
-        One `Generation` per prompt, in prompt order within each group of `slots`.
+        One `Generation` per prompt, as its sequence finishes (`index` says which prompt).
 
     Raises:
         TypeError: a prompt that is not a sequence of integer ids.
@@ -100,129 +119,234 @@ def generate(model: Any, prompts: Iterable[Any], *, max_new_tokens: int, slots: 
         ```python
         torch.manual_seed(0)
         lm = fpsolve.LoopedLM(vocab_size=11, width=32, heads=4).eval()
-        out = list(fpsolve.generate(lm, [[1, 2, 3], [4, 5]], max_new_tokens=4))
+        out = sorted(fpsolve.generate(lm, [[1, 2, 3], [4, 5]], max_new_tokens=4), key=lambda g: g.index)
         print([g.tokens for g in out], [g.iterations for g in out])
         ```
     """
     max_new_tokens = as_int("max_new_tokens", max_new_tokens)
     slots = as_int("slots", slots)
     warm_start = as_bool("warm_start", warm_start)
+    compile = as_bool("compile", compile)
     temperature = as_float("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}.")
+    if stop_token is not None:
+        stop_token = as_int("stop_token", stop_token, minimum=0)
+    seed = 0 if seed is None else as_int("seed", seed, minimum=0)
     opts = Options.make("generate", SOLVE_DEFAULTS, dict(
         solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, norm=norm, criterion=criterion, min_iter=min_iter,
-        backward="none"))
+        backward="none", check_every=DEFAULT_CHECK_EVERY if check_every is None else check_every))
+    if not getattr(opts.solver, "per_row", False):
+        raise TypeError(f"generate: solver {opts.solver!r} cannot restart single rows (no `per_row = True`); "
+                        f"use 'fixed_point', 'anderson' or 'broyden'.")
     items = [_as_prompt(p, model, i) for i, p in enumerate(prompts)]   # (validated before any work)
-    gen = None if temperature == 0.0 else torch.Generator(device=_device(model)).manual_seed(
-        0 if seed is None else as_int("seed", seed, minimum=0))
-    return _decode(model, items, max_new_tokens, slots, opts, warm_start, stop_token, temperature, gen)
+    return _Decoder(model, items, opts, slots, max_new_tokens, warm_start, stop_token, temperature, seed,
+                    compile).run()
 
 
-def _decode(model: Any, items: List[Tensor], max_new: int, slots: int, opts: Options, warm: bool,
-            stop: Optional[int], temperature: float, gen: Optional[torch.Generator]) -> Iterator[Generation]:
-    with torch.no_grad():
-        for start in range(0, len(items), slots):
-            yield from _Group(model, items[start:start + slots], start, opts, warm, temperature, gen).run(max_new, stop)
+class _Decoder:
+    """`slots` sequences in flight through one `_SlotLoop` (the passes and looks of `stream`).
 
+    Per slot on the host: its `Generation` and its cached positions (`pos`); on the device: the
+    cache (per core layer, keys and values `[slots, H, max_len, dh]`), and as the loop's input
+    rows the injected embedding of the token being solved and its position."""
 
-class _Group:
-    """Up to `slots` prompts decoded together: the prefill, then one token per step for the
-    live rows, each token's state solved with per-sample halting against the rows' caches."""
+    def __init__(self, model: Any, items: List[Tensor], opts: Options, S: int, max_new: int, warm: bool,
+                 stop: Optional[int], temperature: float, seed: int, compile: bool) -> None:
+        self.model, self.items, self.opts, self.S, self.max_new = model, items, opts, S, max_new
+        self.warm, self.stop, self.temperature, self.seed, self.compile = warm, stop, temperature, seed, compile
+        self.next_prompt = 0
+        self.gens: List[Optional[Generation]] = [None] * S
+        self.pos = np.zeros(S, dtype=np.int64)
+        self.cache: List[Tuple[Tensor, Tensor]] = []
+        self.cap = 0
+        # the prefill's rule: fixed depth stays fixed depth; any other criterion needs one row's
+        # read-out, so a whole prompt is judged by the residual rule
+        self.prefill_opts = opts.replace(check_every=None, criterion=opts.criterion
+                                         if isinstance(opts.criterion, Depth) else None)
 
-    def __init__(self, model: Any, prompts: List[Tensor], first: int, opts: Options, warm: bool,
-                 temperature: float, gen: Optional[torch.Generator]) -> None:
-        self.model, self.opts, self.warm, self.temperature, self.gen = model, opts, warm, temperature, gen
-        self.first, self.B = first, len(prompts)
+    @torch.no_grad()
+    def run(self) -> Iterator[Generation]:
+        done: List[Generation] = []
+        rows = self.admit(np.arange(self.S), done)
+        yield from done
+        if rows is None:
+            return
+        # the loop starts with every slot filled (slots left empty copy a live row, then retire)
+        slots, e, pos, z = rows
+        where = np.zeros(self.S, dtype=np.int64)
+        where[slots] = np.arange(slots.size)
+        where = index_tensor(where, e.device)
+        e, pos, z = e.index_select(0, where), pos.index_select(0, where), z.index_select(0, where)
+        layout = StateLayout(z)
+        loop = _SlotLoop(layout.wrap(self.core, True), layout, _Structure(), None, [e, pos], z, self.S, self.S,
+                         self.opts, rounding(layout.dtype, layout.work_dtype), self.compile)
+        loop.retire(np.setdiff1d(np.arange(self.S), slots))
+        e_buf = loop.x_leaves[0]
+        while True:
+            self.grow()
+            loop.passes()
+            chunk, emit = loop.look()
+            if chunk is None:
+                continue
+            done = []
+            rows = self.advance(emit, layout.unpack(chunk.z), chunk.iterations, chunk.status, e_buf, done)
+            loop.restart(emit)
+            free = emit
+            if rows is not None:
+                loop.place(rows[0], rows[1:3], layout.pack(rows[3]))
+                free = np.setdiff1d(emit, rows[0])
+            more = self.admit(free, done) if free.size else None
+            if more is not None:
+                loop.place(more[0], more[1:3], layout.pack(more[3]))
+                free = np.setdiff1d(free, more[0])
+            yield from done
+            if not loop.retire(free):
+                return
+
+    def core(self, h: Tensor, x: Any) -> Tensor:
+        """One pass of the core for every slot, attending to its cached positions."""
+        e, pos = x
+        cap = self.cap
+        return self.model.core(h, e, KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos))
+
+    def grow(self) -> None:
+        """The cached positions the core attends to cover every slot's (in blocks)."""
+        need = int(self.pos.max()) + 1
+        if need > self.cap:
+            self.cap = min(self.model.max_len, -(-need // CACHE_BLOCK) * CACHE_BLOCK)
+
+    def advance(self, slots: np.ndarray, h: Tensor, its: np.ndarray, codes: np.ndarray, e_buf: Tensor,
+                done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
+        """Slots whose token's state stopped: keys and values cached, the next token picked and
+        recorded; returns the rows whose sequence goes on (slots, e, positions, start states)."""
+        ok = codes != int(Status.DIVERGED)
+        for s in slots[~ok]:
+            self.finish(s, "diverged", done)
+        if not ok.any():
+            return None
+        slots, its, codes = slots[ok], its[ok], codes[ok]
+        dev = h.device
+        ok_t = index_tensor(np.flatnonzero(ok), dev)
+        h = h.index_select(0, ok_t)
+        at = index_tensor(slots, dev)
+        self.store(at, h, e_buf.index_select(0, at), self.pos[slots])
+        self.pos[slots] += 1
+        return self.next_tokens(slots, h, its, codes, done)
+
+    def next_tokens(self, slots: np.ndarray, h: Tensor, its: Any, codes: Any,
+                    done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
+        """Pick each slot's next token from its last state `h` `[n, 1, d]`, record it, and
+        return the rows whose sequence goes on (slots, e, positions, start states)."""
+        tokens = self.pick(self.model.coda(h)[:, 0], slots)
+        go = np.zeros(len(slots), dtype=bool)
+        for j, (s, t) in enumerate(zip(slots, tokens)):
+            g = self.gens[s]
+            g.tokens.append(t)
+            g.iterations.append(int(its[j]))
+            g.status.append(Status(int(codes[j])))
+            why = "stop" if t == self.stop else "length" if len(g.tokens) >= self.max_new else \
+                "context" if self.pos[s] >= self.model.max_len else None
+            if why is None:
+                go[j] = True
+            else:
+                self.finish(s, why, done)
+        if not go.any():
+            return None
+        keep = index_tensor(np.flatnonzero(go), h.device)
+        slots = slots[go]
+        tok = torch.tensor([tokens[j] for j in np.flatnonzero(go)], device=h.device)
+        pos = index_tensor(self.pos[slots], h.device)
+        e = self.model.prelude(tok[:, None], pos[:, None])
+        h = h.index_select(0, keep)
+        return slots, e, pos, h if self.warm else torch.zeros_like(e)
+
+    def store(self, at: Tensor, h: Tensor, e: Tensor, pos: np.ndarray) -> None:
+        """The converged keys and values of one new position per slot `at` into the cache."""
+        lengths = index_tensor(pos, h.device)
+        cap = int(pos.max()) + 1
+        kv = self.model.keys_values(h, e, KVCache([(k[:, :, :cap].index_select(0, at), v[:, :, :cap].index_select(0, at))
+                                                   for k, v in self.cache], lengths))
+        for (ck, cv), (k, v) in zip(self.cache, kv):
+            ck[at, :, lengths] = k[:, :, 0]
+            cv[at, :, lengths] = v[:, :, 0]
+
+    def admit(self, free: np.ndarray, done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
+        """The next prompts into the free slots: their joint prefill, its keys and values
+        cached, their first tokens picked; returns the rows whose sequence goes on. Prompts
+        whose sequence ends at once leave their slot to the next prompt."""
+        out: List[Tuple[np.ndarray, Tensor, Tensor, Tensor]] = []
+        while free.size and self.next_prompt < len(self.items):
+            take = free[:len(self.items) - self.next_prompt]
+            first = self.next_prompt
+            self.next_prompt += take.size
+            rows = self.prefill(take, self.items[first:first + take.size], first, done)
+            if rows is not None:
+                out.append(rows)
+                free = np.setdiff1d(free, rows[0])
+        if not out:
+            return None
+        return (np.concatenate([r[0] for r in out]),) + tuple(torch.cat([r[i] for r in out]) for i in (1, 2, 3))
+
+    def prefill(self, slots: np.ndarray, prompts: List[Tensor], first: int,
+                done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
+        """The prompts' joint solve (padded positions held fixed) into these slots."""
+        m, n = self.model, len(prompts)
         dev = prompts[0].device
-        self.lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        L = int(self.lengths.max())
-        self.tokens = torch.zeros(self.B, L, dtype=torch.int64, device=dev)
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        L = int(lengths.max())
+        tokens = torch.zeros(n, L, dtype=torch.int64, device=dev)
         for i, p in enumerate(prompts):
-            self.tokens[i, :len(p)] = p
-
-    def prefill(self) -> Tensor:
-        """The prompts' joint solve (padded positions held fixed); the cache filled; returns the
-        last real position's state per row `[B, 1, d]`."""
-        m, B, L = self.model, self.B, self.tokens.shape[1]
-        positions = torch.arange(L, device=self.tokens.device).expand(B, L)
-        e = m.prelude(self.tokens, positions)
-        valid = (positions < self.lengths[:, None]).unsqueeze(-1)
+            tokens[i, :len(p)] = p
+        positions = torch.arange(L, device=dev).expand(n, L)
+        e = m.prelude(tokens, positions)
+        valid = (positions < lengths[:, None]).unsqueeze(-1)
         f = lambda h, x: torch.where(x[1], m.core(h, x[0]), h)   # noqa: E731
-        sol = solve_with(f, torch.zeros_like(e), (e, valid), self.opts.replace(criterion=None))
-        self.prompt_iterations, self.prompt_status = sol.iterations.tolist(), sol.status.tolist()
-        h = sol.z
-        kv = m.keys_values(h, e)
-        H, dh = kv[0][0].shape[1], kv[0][0].shape[3]
-        self.cache = [tuple(torch.zeros(B, H, m.max_len, dh, dtype=k.dtype, device=k.device) for _ in (0, 1))
-                      for k, _ in kv]
+        sol = solve_with(f, torch.zeros_like(e), (e, valid), self.prefill_opts)
+        its, codes = sol.iterations.cpu().numpy(), sol.status.cpu().numpy()
+        kv = m.keys_values(sol.z, e)
+        if not self.cache:
+            self.cache = [tuple(k.new_zeros(self.S, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
+        at = index_tensor(slots, dev)
         for (ck, cv), (k, v) in zip(self.cache, kv):
-            ck[:, :, :L], cv[:, :, :L] = k, v
-        last = (self.lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[2])
-        return h.gather(1, last)
+            ck[at, :, :L], cv[at, :, :L] = k, v
+        for j, s in enumerate(slots):
+            self.gens[s] = Generation(first + j, [], [], [], int(its[j]), "length")
+        self.pos[slots] = lengths.cpu().numpy()
+        last = (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2])
+        h_last = sol.z.gather(1, last)
+        ok = codes != int(Status.DIVERGED)
+        for s in slots[~ok]:
+            self.finish(s, "diverged", done)
+        if not ok.any():
+            return None
+        return self.next_tokens(slots[ok], h_last[index_tensor(np.flatnonzero(ok), dev)], its[ok], codes[ok], done)
 
-    def run(self, max_new: int, stop: Optional[int]) -> Iterator[Generation]:
-        m, B = self.model, self.B
-        h_last = self.prefill()
-        # the first token is read from the prompt's last state: its depth is the prefill's
-        out = [Generation(self.first + i, [], [self.prompt_iterations[i]], [Status(self.prompt_status[i])],
-                          self.prompt_iterations[i]) for i in range(B)]
-        live = torch.tensor([s != int(Status.DIVERGED) for s in self.prompt_status], device=h_last.device)
-        for i in (~live).nonzero().flatten().tolist():
-            out[i].finish, out[i].iterations, out[i].status = "diverged", [], []
-        token = self._pick(m.coda(h_last)[:, 0])
-        for _ in range(max_new):
-            rows = live.nonzero().squeeze(1)
-            for i, t in zip(rows.tolist(), token[rows].tolist()):
-                out[i].tokens.append(t)   # (its depth and status were recorded with its state)
-            ended = (token == stop) if stop is not None else torch.zeros_like(live)
-            full = self.lengths >= m.max_len
-            for i in rows[ended[rows] | full[rows]].tolist():
-                out[i].finish = "stop" if bool(ended[i]) else "context"
-            live &= ~ended & ~full
-            if len(out[0].tokens) >= max_new or not bool(live.any()):
-                break
-            rows = live.nonzero().squeeze(1)
-            h, sol = self.step(rows, token[rows], h_last[rows])
-            for j, i in enumerate(rows.tolist()):
-                out[i].iterations.append(int(sol.iterations[j]))
-                out[i].status.append(Status(int(sol.status[j])))
-            dead = sol.status == int(Status.DIVERGED)
-            h_last = h_last.index_copy(0, rows, h)
-            token = token.index_copy(0, rows, self._pick(m.coda(h)[:, 0]))
-            live[rows[dead]] = False
-            for i in rows[dead].tolist():
-                out[i].finish = "diverged"
-        for g in out:   # (the state solved after the last token was picked produced none)
-            del g.iterations[len(g.tokens):], g.status[len(g.tokens):]
-        yield from out
+    def finish(self, s: int, why: str, done: List[Generation]) -> None:
+        g = self.gens[s]
+        g.finish = why
+        done.append(g)
+        self.gens[s] = None
 
-    def step(self, rows: Tensor, token: Tensor, h_prev: Tensor) -> Any:
-        """Solve the next position's state of the rows `rows` against their caches; append its
-        keys and values; returns (its state `[b, 1, d]`, the Solution)."""
-        m, pos = self.model, self.lengths[rows]
-        e = m.prelude(token[:, None], pos[:, None])
-        cache = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cache]
-        x = (e, [t for kv in cache for t in kv], pos)
-
-        def f(h: Tensor, x: Any) -> Tensor:
-            flat = x[1]
-            return m.core(h, x[0], KVCache([(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)], x[2]))
-
-        z0 = h_prev if self.warm else torch.zeros_like(e)
-        sol = solve_with(f, z0, x, self.opts)
-        kv = m.keys_values(sol.z, e, KVCache(cache, pos))
-        at = pos.view(-1, 1, 1, 1)
-        for (ck, cv), (k, v) in zip(self.cache, kv):
-            index = at.expand(-1, k.shape[1], 1, k.shape[3])
-            ck[rows] = ck[rows].scatter(2, index, k)
-            cv[rows] = cv[rows].scatter(2, index, v)
-        self.lengths[rows] += 1
-        return sol.z, sol
-
-    def _pick(self, logits: Tensor) -> Tensor:
+    def pick(self, logits: Tensor, slots: np.ndarray) -> List[int]:
+        """Greedy, or sampled with a generator per (seed, prompt, position)."""
         if self.temperature == 0.0:
-            return logits.argmax(-1)
-        p = torch.softmax(logits.float() / self.temperature, -1)
-        return torch.multinomial(p, 1, generator=self.gen).squeeze(1)
+            return logits.argmax(-1).tolist()
+        p = torch.softmax(logits.double() / self.temperature, -1)
+        out = []
+        for j, s in enumerate(slots):
+            key = np.random.SeedSequence([self.seed, self.gens[s].index, int(self.pos[s])]).generate_state(1)[0]
+            gen = torch.Generator(device=p.device).manual_seed(int(key))
+            out.append(int(torch.multinomial(p[j], 1, generator=gen)))
+        return out
+
+
+class _Structure:
+    """The slot loop's view of the input rows: the leaves (embedding, position) as a pair."""
+
+    @staticmethod
+    def structure(leaves: List[Tensor]) -> Any:
+        return tuple(leaves)
 
 
 def _as_prompt(p: Any, model: Any, i: int) -> Tensor:

@@ -383,38 +383,52 @@ class _SlotLoop:
     def refill(self, emit: np.ndarray) -> bool:
         """The emitted slots take the next inputs (idle slots copy a live row); False when no
         slot is live any more."""
-        st, dev, n_emit = self.st, self.dev, emit.size
-        emit_t = index_tensor(emit, dev)
-        # every emitted slot starts afresh: the solver's and the criterion's one reset hook
-        if self.resets:
-            fresh = torch.zeros(self.S, dtype=torch.bool, device=dev).index_fill_(0, emit_t, True)
+        self.restart(emit)
+        x_new, n_new = self.rows.take(emit.size)
+        if n_new:
+            z_new = self.fixed_start[:n_new] if self.fixed_start is not None else \
+                self.layout.pack(_start_rows(self.z0, self.rows.structure(x_new), n_new))
+            self.place(emit[:n_new], x_new, z_new)
+            self.st.sample[emit[:n_new]] = np.arange(self.next_index, self.next_index + n_new)
+            self.next_index += n_new
+        return self.retire(emit[n_new:])
+
+    def restart(self, emit: np.ndarray) -> None:
+        """The solver's and the criterion's one reset hook: these slots start afresh."""
+        if self.resets and emit.size:
+            fresh = torch.zeros(self.S, dtype=torch.bool, device=self.dev).index_fill_(0, index_tensor(emit, self.dev),
+                                                                                     True)
             if self.state is not None and hasattr(self.solver, "reset"):
                 self.state = self.solver.reset(self.state, fresh)
             if self.criterion is not None:
                 self.cstate = self.criterion.reset(self.cstate, fresh)
-        x_new, n_new = self.rows.take(n_emit)
-        if n_new:
-            slot = emit_t[:n_new]
-            for buf, t in zip(self.x_leaves, x_new):
-                buf.index_copy_(0, slot, t if t.device == buf.device else t.to(buf.device))
-            z_new = self.fixed_start[:n_new] if self.fixed_start is not None else \
-                self.layout.pack(_start_rows(self.z0, self.rows.structure(x_new), n_new))
-            self.z = self.z.index_copy(0, slot, z_new)
-            st.age[emit[:n_new]] = 0
-            st.best_r[emit[:n_new]] = np.nan
-            st.sample[emit[:n_new]] = np.arange(self.next_index, self.next_index + n_new)
-            self.next_index += n_new
-        if n_new < n_emit:
-            st.active[emit[n_new:]] = False
-            live = np.flatnonzero(st.active)
-            if live.size == 0:
-                return False
-            idle = emit_t[n_new:]
-            src = index_tensor(live[:1], dev).expand(idle.numel())
-            for buf in self.x_leaves:
-                buf.index_copy_(0, idle, buf.index_select(0, src))
-            self.z = self.z.index_copy(0, idle, self.z.index_select(0, src))
-            st.age[emit[n_new:]] = 0
+
+    def place(self, slots: np.ndarray, x_new: List[Tensor], z_new: Tensor) -> None:
+        """New samples into these slots: their input leaves and (packed) starting states."""
+        slot = index_tensor(slots, self.dev)
+        for buf, t in zip(self.x_leaves, x_new):
+            buf.index_copy_(0, slot, t if t.device == buf.device else t.to(buf.device))
+        self.z = self.z.index_copy(0, slot, z_new)
+        self.st.age[slots] = 0
+        self.st.best_r[slots] = np.nan
+        self.st.active[slots] = True
+
+    def retire(self, idle: np.ndarray) -> bool:
+        """These slots hold no sample any more: they copy a live row (f sees valid data);
+        False when no slot is live."""
+        if not idle.size:
+            return True
+        st = self.st
+        st.active[idle] = False
+        live = np.flatnonzero(st.active)
+        if live.size == 0:
+            return False
+        idle_t = index_tensor(idle, self.dev)
+        src = index_tensor(live[:1], self.dev).expand(idle_t.numel())
+        for buf in self.x_leaves:
+            buf.index_copy_(0, idle_t, buf.index_select(0, src))
+        self.z = self.z.index_copy(0, idle_t, self.z.index_select(0, src))
+        st.age[idle] = 0
         return True
 
 

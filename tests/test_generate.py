@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fpsolve
 from fpsolve import Status
@@ -19,8 +21,11 @@ def lm():
 
 
 def decode(lm, prompts, **kw):
+    """The results in prompt order (generate yields them as sequences finish)."""
     kw = {"max_new_tokens": 6, "rtol": 1e-10, "max_iter": 300, **kw}
-    return list(fpsolve.generate(lm, prompts, **kw))
+    out = sorted(fpsolve.generate(lm, prompts, **kw), key=lambda g: g.index)
+    assert [g.index for g in out] == list(range(len(prompts)))
+    return out
 
 
 @pytest.mark.parametrize("warm_start", [True, False])
@@ -41,16 +46,16 @@ def test_results_do_not_depend_on_the_batch(lm):
     for i, p in enumerate(PROMPTS):
         alone = decode(lm, [p], slots=1)[0]
         assert (alone.tokens, alone.iterations) == (together[i].tokens, together[i].iterations)
-    assert [g.index for g in decode(lm, PROMPTS, slots=3)] == [0, 1, 2, 3]
 
 
 def test_the_cache_holds_one_entry_per_position_and_layer(lm):
-    g = fpsolve._generate._Group(lm, [torch.tensor(PROMPTS[0])], 0, fpsolve._options.Options.make(
-        "t", fpsolve._options.SOLVE_DEFAULTS, {"rtol": 1e-10, "max_iter": 300, "backward": "none"}),
-        True, 0.0, None)
-    out = list(g.run(5, None))[0]
-    assert int(g.lengths[0]) == len(PROMPTS[0]) + len(out.tokens) - 1   # the last token's state is not solved
-    assert len(g.cache) == len(lm.core_layers)
+    dec = fpsolve._generate._Decoder(lm, [torch.tensor(PROMPTS[0])], fpsolve._options.Options.make(
+        "t", fpsolve._options.SOLVE_DEFAULTS, {"rtol": 1e-10, "max_iter": 300, "backward": "none", "check_every": 2}),
+        2, 5, True, None, 0.0, 0, False)
+    (out,) = list(dec.run())
+    assert int(dec.pos[0]) == len(PROMPTS[0]) + len(out.tokens) - 1   # the last token's state is not solved
+    assert len(dec.cache) == len(lm.core_layers)
+    assert all(k.shape[2] == lm.max_len for kv in dec.cache for k in kv)
 
 
 def test_a_read_out_criterion_and_a_stop_token(lm):
@@ -102,3 +107,97 @@ def test_the_forward_trains_with_any_backward_mode():
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
         assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
         assert lm.embed.weight.grad is not None
+
+
+# ---- depth-wise continuous batching ---------------------------------------------------------
+
+MANY = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [3], [2, 2, 2, 2], [9, 1], [5, 6, 7]]
+
+
+def test_continuous_batching_matches_decoding_each_prompt_alone(lm):
+    """More prompts than slots, sequences of several lengths: a finished sequence's slot takes
+    the next prompt; tokens and per-token iterations are those of each prompt decoded alone,
+    whatever the slots and the look cadence."""
+    alone = [decode(lm, [p], slots=1, max_new_tokens=2 + i % 4, rtol=1e-6)[0] for i, p in enumerate(MANY)]
+    for slots, every in ((2, 1), (3, 2), (8, 5)):
+        out = sorted(fpsolve.generate(lm, MANY, max_new_tokens=5, slots=slots, check_every=every, rtol=1e-6,
+                                      max_iter=300), key=lambda g: g.index)
+        for a, g in zip(alone, out):
+            n = len(a.tokens)
+            assert (g.tokens[:n], g.iterations[:n]) == (a.tokens, a.iterations), (slots, every)
+
+
+def test_the_core_sees_a_fixed_shape_and_every_slot_stays_busy(lm):
+    shapes = []
+    core = lm.core
+
+    def spy(h, e, cache=None):
+        shapes.append((tuple(h.shape), cache is None))
+        return core(h, e, cache)
+
+    lm.core = spy
+    try:
+        out = list(fpsolve.generate(lm, MANY, max_new_tokens=4, slots=3, rtol=1e-6, max_iter=300))
+    finally:
+        del lm.core
+    assert sorted(g.index for g in out) == list(range(len(MANY)))
+    decoding = {s for s, prefill in shapes if not prefill}
+    assert decoding == {(3, 1, lm.width)}
+    assert all(s[1] > 1 or s[0] < 3 for s, prefill in shapes if prefill)   # (prefills: the admitted prompts)
+
+
+def test_sampled_tokens_do_not_depend_on_the_batch(lm):
+    """Each token is sampled with a generator keyed by (seed, prompt index, position): the same
+    prompts give the same tokens whatever the slots; repeated prompts still differ."""
+    kw = dict(temperature=1.5, seed=7, max_new_tokens=5, rtol=1e-6)
+    together = decode(lm, MANY, slots=3, **kw)
+    assert [g.tokens for g in decode(lm, MANY, slots=1, check_every=3, **kw)] == [g.tokens for g in together]
+    assert [g.tokens for g in decode(lm, MANY, slots=3, **{**kw, "seed": 8})] != [g.tokens for g in together]
+    same = decode(lm, [MANY[0]] * 4, slots=2, **kw)
+    assert len({tuple(g.tokens) for g in same}) > 1
+
+
+class CountingLM(torch.nn.Module):
+    """A user's own looped LM through the protocol: token t's state is h = a_t h + e_t, its next
+    token t + 1 (mod 5); token 4 has a_t = 3, so its state diverges."""
+
+    vocab_size, max_len, width = 5, 16, 5
+
+    def prelude(self, tokens, positions):
+        return torch.nn.functional.one_hot(tokens, 5).double()
+
+    def core(self, h, e, cache=None):
+        a = torch.where(e[..., 4:5] > 0, 3.0, 0.5).double()
+        return a * h + e
+
+    def keys_values(self, h, e, cache=None):
+        return [(h[:, None], h[:, None])]
+
+    def coda(self, h):
+        return 10 * torch.roll(h, 1, dims=-1)
+
+
+def test_a_diverging_token_mid_sequence_ends_its_sequence_cleanly():
+    out = decode(CountingLM(), [[0], [2], [1, 2]], slots=2, max_new_tokens=3, rtol=1e-8, max_iter=80)
+    assert [g.tokens for g in out] == [[1, 2, 3], [3, 4], [3, 4]]
+    assert [g.finish for g in out] == ["length", "diverged", "diverged"]
+    assert all(s == Status.CONVERGED for g in out for s in g.status)
+    assert len(out[1].iterations) == 2
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompts=st.lists(st.lists(st.integers(0, 10), min_size=1, max_size=6), min_size=1, max_size=6),
+       slots=st.integers(1, 4), every=st.integers(1, 4), new=st.integers(1, 5),
+       criterion=st.sampled_from(["residual", "kl", "depth"]), warm=st.booleans())
+def test_property_results_never_depend_on_batch_mates(lm, prompts, slots, every, new, criterion, warm):
+    """Whatever the prompts, slots, look cadence and criterion, each prompt's tokens and
+    per-token iterations are those of decoding it alone; every prompt finishes once."""
+    crit = {"residual": None, "kl": fpsolve.OutputKL(lambda h: lm.coda(h), tol=1e-5), "depth": fpsolve.Depth(3)}
+    kw = dict(max_new_tokens=new, rtol=1e-6, max_iter=200, criterion=crit[criterion], warm_start=warm)
+    out = decode(lm, prompts, slots=slots, check_every=every, **kw)
+    for p, g in zip(prompts, out):
+        a = decode(lm, [p], slots=1, **kw)[0]
+        assert (g.tokens, g.iterations, g.status, g.finish) == (a.tokens, a.iterations, a.status, a.finish)
+        assert len(g.tokens) == len(g.iterations) == len(g.status) <= new
+        if criterion == "depth":
+            assert set(g.iterations) <= {3}

@@ -1,0 +1,279 @@
+"""Problem 7 of BENCH.md: a looped language model decoding many prompts, tokens/s and accuracy.
+
+Three decoders of the same model, prompts and cache of converged keys and values (the prompt's
+joint prefill, solved by the residual rule, is the same for all three):
+
+- *fixed depth*: every token gets K passes of the core, no checks, `slots` prompts lock-step;
+  K is the smallest depth as accurate as per-token halting (found on the same prompts);
+- *sync*: per-token halting where the batch waits for its slowest token (a look every pass,
+  halted rows frozen), as the recurrent-depth LM's own generation code does;
+- *stream*: `fpsolve.generate` (depth-wise continuous batching).
+
+The ideal is the fixed-depth time × mean passes per token ÷ K (halting whose bookkeeping is
+free). Least wall time of alternating rounds, 1 thread. Writes the `looped_lm` key of
+docs/benchmarks.json (and returns the markdown for docs/benchmarks.md).
+
+    python benchmarks/looped_lm.py [--repeats 5] [--prompts 256] [--quick] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import fpsolve  # noqa: E402
+from fpsolve._looped_lm import KVCache  # noqa: E402
+
+GOALS = {"stream / fixed": 1.8, "stream / sync": 1.3, "stream / ideal": 0.75, "accuracy drop (points)": 0.5}
+
+
+class Setup:
+    """The model, its prompts, the decoding options, and the task's judge of generated tokens."""
+
+    def __init__(self, model: Any, prompts: List[List[int]], max_new: int, rtol: float, norm: str, max_iter: int,
+                 judge: Callable[[List[List[int]], List[List[int]]], float], description: str) -> None:
+        self.model, self.prompts, self.max_new, self.rtol, self.norm, self.max_iter = \
+            model, prompts, max_new, rtol, norm, max_iter
+        self.judge, self.description = judge, description
+
+    def options(self) -> Dict[str, Any]:
+        return dict(rtol=self.rtol, norm=self.norm, max_iter=self.max_iter)
+
+
+# ---- the two baselines: groups of `slots` prompts, one token per step for the whole group ----
+
+def _prefill(s: Setup, prompts: List[List[int]]) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor, Tensor]:
+    """The group's joint prefill (as `generate` does it): cache, positions, last states, tokens."""
+    m = s.model
+    n, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(n, L, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts])
+    positions = torch.arange(L).expand(n, L)
+    e = m.prelude(tokens, positions)
+    valid = (positions < lengths[:, None]).unsqueeze(-1)
+    sol = fpsolve.solve(lambda h, x: torch.where(x[1], m.core(h, x[0]), h), torch.zeros_like(e), (e, valid),
+                        solver="fixed_point", **s.options())
+    kv = m.keys_values(sol.z, e)
+    cache = [tuple(k.new_zeros(n, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
+    for (ck, cv), (k, v) in zip(cache, kv):
+        ck[:, :, :L], cv[:, :, :L] = k, v
+    h = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2]))
+    return cache, lengths, h, m.coda(h)[:, 0].argmax(-1)
+
+
+def _decode_group(s: Setup, prompts: List[List[int]], passes: Callable[..., Tuple[Tensor, Tensor]]
+                  ) -> Tuple[List[List[int]], List[List[int]]]:
+    """Greedy decoding of one group, one token per step; `passes(h, e, cache)` solves a token's
+    state for the whole group and returns (state, passes per row)."""
+    m = s.model
+    cache, pos, h, tok = _prefill(s, prompts)
+    out, its = [[t] for t in tok.tolist()], [[] for _ in prompts]
+    rows = torch.arange(len(prompts))
+    for _ in range(s.max_new - 1):
+        e = m.prelude(tok[:, None], pos[:, None])
+        cap = int(pos.max()) + 1
+        view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in cache], pos)
+        h, n = passes(h, e, view)
+        for (ck, cv), (k, v) in zip(cache, m.keys_values(h, e, view)):
+            ck[rows, :, pos], cv[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        pos = pos + 1
+        tok = m.coda(h)[:, 0].argmax(-1)
+        for i, (t, k) in enumerate(zip(tok.tolist(), n.tolist())):
+            out[i].append(t)
+            its[i].append(k)
+    return out, its
+
+
+def fixed_passes(s: Setup, K: int) -> Callable[..., Tuple[Tensor, Tensor]]:
+    """K passes of the core from the previous token's state, no checks."""
+    def run(h: Tensor, e: Tensor, cache: KVCache) -> Tuple[Tensor, Tensor]:
+        for _ in range(K):
+            h = s.model.core(h, e, cache)
+        return h, torch.full((h.shape[0],), K)
+    return run
+
+
+def sync_passes(s: Setup) -> Callable[..., Tuple[Tensor, Tensor]]:
+    """Per-token residual rule, a look every pass; the batch waits for its slowest token."""
+    def run(h: Tensor, e: Tensor, cache: KVCache) -> Tuple[Tensor, Tensor]:
+        n = torch.zeros(h.shape[0], dtype=torch.int64)
+        live = torch.ones(h.shape[0], dtype=torch.bool)
+        for k in range(1, s.max_iter + 1):
+            fh = s.model.core(h, e, cache)
+            r = fpsolve._rules.sample_norm(fh - h, s.norm)
+            met = r <= s.rtol * fpsolve._rules.sample_norm(fh, s.norm)
+            n = torch.where(live, k, n)
+            go = live & ~met   # (a row whose rule holds keeps the state it held at, as `generate`)
+            h = torch.where(go[:, None, None], fh, h)
+            live = go
+            if not bool(live.any()):
+                break
+        return h, n
+    return run
+
+
+def run_groups(s: Setup, slots: int, passes: Callable[..., Tuple[Tensor, Tensor]]
+               ) -> Tuple[List[List[int]], List[List[int]]]:
+    tokens, its = [], []
+    with torch.no_grad():
+        for i in range(0, len(s.prompts), slots):
+            t, k = _decode_group(s, s.prompts[i:i + slots], passes)
+            tokens += t
+            its += k
+    return tokens, its
+
+
+def run_generate(s: Setup, slots: int, check_every: Optional[int] = None) -> Tuple[List[List[int]], List[List[int]]]:
+    out = sorted(fpsolve.generate(s.model, s.prompts, max_new_tokens=s.max_new, slots=slots,
+                                  check_every=check_every, warm_start=True, **s.options()), key=lambda g: g.index)
+    return [g.tokens for g in out], [g.iterations[1:] for g in out]
+
+
+def smallest_equal_depth(s: Setup, slots: int, target: float, K_max: int) -> Tuple[int, float]:
+    """The smallest fixed depth whose accuracy is within 0.5 point of `target` (bisection on a
+    depth whose accuracy rises with K; the answer is checked)."""
+    lo, hi = 1, K_max
+    acc: Dict[int, float] = {}
+
+    def ok(K: int) -> bool:
+        if K not in acc:
+            acc[K] = s.judge(s.prompts, run_groups(s, slots, fixed_passes(s, K))[0])
+        return acc[K] >= target - 0.005
+    while not ok(hi) and hi < 4 * K_max:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi, acc[hi]
+
+
+def measure(s: Setup, slots: int, repeats: int, check_every: Optional[int] = None) -> Dict[str, Any]:
+    with torch.no_grad():
+        tok_stream, its_stream = run_generate(s, slots, check_every)
+    acc_stream = s.judge(s.prompts, tok_stream)
+    passes = np.array([k for row in its_stream for k in row], dtype=float)
+    K_max = int(passes.max())
+    K, acc_fixed = smallest_equal_depth(s, slots, acc_stream, K_max)
+    tok_sync, its_sync = run_groups(s, slots, sync_passes(s))
+    methods = {
+        "fixed": lambda: run_groups(s, slots, fixed_passes(s, K)),
+        "sync": lambda: run_groups(s, slots, sync_passes(s)),
+        "stream": lambda: run_generate(s, slots, check_every),
+    }
+    walls: Dict[str, List[float]] = {m: [] for m in methods}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for m, run in methods.items():
+                t0 = time.perf_counter()
+                run()
+                walls[m].append(time.perf_counter() - t0)
+    n_tokens = sum(len(t) for t in tok_stream)
+    best = {m: min(w) for m, w in walls.items()}
+    tps = {m: n_tokens / best[m] for m in methods}
+    tps["ideal"] = tps["fixed"] * K / passes.mean()
+    out = {
+        "description": s.description, "prompts": len(s.prompts), "tokens": n_tokens, "slots": slots, "threads": 1,
+        "fixed_depth": K, "rtol": s.rtol, "norm": s.norm, "max_iter": s.max_iter,
+        "check_every": check_every or fpsolve._generate.DEFAULT_CHECK_EVERY,
+        "tokens_per_s": tps,
+        "accuracy": {"fixed": acc_fixed, "sync": s.judge(s.prompts, tok_sync), "stream": acc_stream},
+        "mean_passes_per_token": float(passes.mean()), "max_passes_per_token": K_max,
+        "bound_K_over_mean_passes": K / float(passes.mean()),
+        "sync_equals_stream": tok_sync == tok_stream and its_sync == its_stream,
+        "wall_s": best,
+    }
+    out["ratios"] = {"stream / fixed": tps["stream"] / tps["fixed"], "stream / sync": tps["stream"] / tps["sync"],
+                     "stream / ideal": tps["stream"] / tps["ideal"],
+                     "accuracy drop (points)": 100 * (acc_fixed - acc_stream)}
+    return out
+
+
+def markdown(r: Dict[str, Any]) -> List[str]:
+    t, a = r["tokens_per_s"], r["accuracy"]
+    lines = [f"{r['description']} {r['prompts']} prompts, {r['tokens']} generated tokens, {r['slots']} slots, "
+             f"1 thread; residual rule rtol {r['rtol']:g} ({r['norm']}), max_iter {r['max_iter']}, looks every "
+             f"{r['check_every']} passes. Least wall time of alternating rounds.", "",
+             "| decoder | tokens/s | accuracy | passes per token |", "|---|---:|---:|---:|",
+             f"| fixed depth K = {r['fixed_depth']} (smallest as accurate as halting) | {t['fixed']:.0f} | "
+             f"{100 * a['fixed']:.1f}% | {r['fixed_depth']} |",
+             f"| per-token halting, batch waits for its slowest token | {t['sync']:.0f} | {100 * a['sync']:.1f}% | "
+             f"{r['mean_passes_per_token']:.2f} (the batch: its slowest) |",
+             f"| `fpsolve.generate` (depth-wise continuous batching) | {t['stream']:.0f} | {100 * a['stream']:.1f}% | "
+             f"{r['mean_passes_per_token']:.2f} |",
+             f"| ideal (fixed × K ÷ mean passes) | {t['ideal']:.0f} | | |", "",
+             "| goal | measured | |", "|---|---:|---|"]
+    for name, goal in GOALS.items():
+        v = r["ratios"][name]
+        met = v <= goal if "drop" in name else v >= goal
+        lines.append(f"| {name} {'≤' if 'drop' in name else '≥'} {goal} | {v:.2f} | {'met' if met else '**not met**'} |")
+    lines += ["", f"The bound K ÷ mean passes per token is {r['bound_K_over_mean_passes']:.2f}: no halting "
+              f"decoder can beat fixed depth by more on this task. Per-token tokens and iterations of the sync "
+              f"decoder equal `generate`'s: {r['sync_equals_stream']}."]
+    return lines
+
+
+def write(r: Dict[str, Any]) -> None:
+    """The `looped_lm` key of docs/benchmarks.json (the rest of the file is kept)."""
+    path = os.path.join(ROOT, "docs", "benchmarks.json")
+    data: Any = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            data = json.load(fh)
+    if isinstance(data, list):
+        data = {"problems": data}
+    data["looped_lm"] = r
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+
+
+def build(quick: bool, n_prompts: int) -> Setup:
+    """The shipped checkpoint and its task (benchmarks/train_looped_lm.py, examples/lm_task.py)."""
+    from train_looped_lm import load   # noqa: E402
+    import lm_task   # noqa: E402
+    model, meta = load()
+    prompts, max_new = lm_task.benchmark_prompts(64 if quick else n_prompts, seed=1234)
+    rule = meta["rule"]
+    return Setup(model, prompts, max_new, rule["rtol"], rule["norm"], rule["max_iter"], lm_task.judge,
+                 lm_task.DESCRIPTION)
+
+
+def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--check-every", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--write", action="store_true", help="write the looped_lm key of docs/benchmarks.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    s = build(args.quick, args.prompts)
+    r = measure(s, args.slots, 2 if args.quick else args.repeats, args.check_every)
+    lines = markdown(r)
+    print("\n".join(lines))
+    if args.write:
+        write(r)
+    return r, lines
+
+
+if __name__ == "__main__":
+    main()
