@@ -227,8 +227,8 @@ class _Decoder:
             return None
         slots, its, codes = slots[ok], its[ok], codes[ok]
         dev = h.device
-        ok_t = index_tensor(np.flatnonzero(ok), dev)
-        h = h.index_select(0, ok_t)
+        if not ok.all():
+            h = h.index_select(0, index_tensor(np.flatnonzero(ok), dev))
         at = index_tensor(slots, dev)
         self.store(at, h, e_buf.index_select(0, at), self.pos[slots])
         self.pos[slots] += 1
@@ -238,7 +238,8 @@ class _Decoder:
                     done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
         """Pick each slot's next token from its last state `h` `[n, 1, d]`, record it, and
         return the rows whose sequence goes on (slots, e, positions, start states)."""
-        tokens = self.pick(self.model.coda(h)[:, 0], slots)
+        tok = self.pick(self.model.coda(h)[:, 0], slots)
+        tokens = tok.tolist()
         go = np.zeros(len(slots), dtype=bool)
         for j, (s, t) in enumerate(zip(slots, tokens)):
             g = self.gens[s]
@@ -253,20 +254,17 @@ class _Decoder:
                 self.finish(s, why, done)
         if not go.any():
             return None
-        keep = index_tensor(np.flatnonzero(go), h.device)
-        slots = slots[go]
-        tok = torch.tensor([tokens[j] for j in np.flatnonzero(go)], device=h.device)
+        if not go.all():
+            keep = index_tensor(np.flatnonzero(go), h.device)
+            slots, tok, h = slots[go], tok.index_select(0, keep), h.index_select(0, keep)
         pos = index_tensor(self.pos[slots], h.device)
         e = self.model.prelude(tok[:, None], pos[:, None])
-        h = h.index_select(0, keep)
         return slots, e, pos, h if self.warm else torch.zeros_like(e)
 
     def store(self, at: Tensor, h: Tensor, e: Tensor, pos: np.ndarray) -> None:
         """The converged keys and values of one new position per slot `at` into the cache."""
         lengths = index_tensor(pos, h.device)
-        cap = int(pos.max()) + 1
-        kv = self.model.keys_values(h, e, KVCache([(k[:, :, :cap].index_select(0, at), v[:, :, :cap].index_select(0, at))
-                                                   for k, v in self.cache], lengths))
+        kv = self.model.keys_values(h, e, KVCache(_RowsOf(self.cache, at, int(pos.max())), lengths))
         for (ck, cv), (k, v) in zip(self.cache, kv):
             ck[at, :, lengths] = k[:, :, 0]
             cv[at, :, lengths] = v[:, :, 0]
@@ -328,17 +326,32 @@ class _Decoder:
         done.append(g)
         self.gens[s] = None
 
-    def pick(self, logits: Tensor, slots: np.ndarray) -> List[int]:
-        """Greedy, or sampled with a generator per (seed, prompt, position)."""
+    def pick(self, logits: Tensor, slots: np.ndarray) -> Tensor:
+        """Greedy, or sampled with a generator per (seed, prompt, position): int64 `[n]`."""
         if self.temperature == 0.0:
-            return logits.argmax(-1).tolist()
+            return logits.argmax(-1)
         p = torch.softmax(logits.double() / self.temperature, -1)
         out = []
         for j, s in enumerate(slots):
             key = np.random.SeedSequence([self.seed, self.gens[s].index, int(self.pos[s])]).generate_state(1)[0]
             gen = torch.Generator(device=p.device).manual_seed(int(key))
-            out.append(int(torch.multinomial(p[j], 1, generator=gen)))
-        return out
+            out.append(torch.multinomial(p[j], 1, generator=gen))
+        return torch.cat(out)
+
+
+class _RowsOf:
+    """The cache of some slots, its first `n` positions, selected only if a layer is read (a
+    one-layer core's keys and values never read the cache)."""
+
+    def __init__(self, cache: List[Tuple[Tensor, Tensor]], at: Tensor, n: int) -> None:
+        self.cache, self.at, self.n = cache, at, n
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor]:
+        k, v = self.cache[i]
+        return k[:, :, :self.n].index_select(0, self.at), v[:, :, :self.n].index_select(0, self.at)
 
 
 class _Structure:

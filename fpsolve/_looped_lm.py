@@ -186,13 +186,13 @@ class LoopedLM(nn.Module):
             A list with one `(k, v)` pair `[B, H, T, dh]` per core layer.
         """
         u = h + e
-        mask = None if cache is None else cache.mask(h.shape[1])
-        out = []
+        out: List[Tuple[Tensor, Tensor]] = []
         for i, layer in enumerate(self.core_layers):
             _, k, v = layer.attn.project(layer.n1(u))
             out.append((k, v))
-            if i + 1 < len(self.core_layers):
-                u = layer(u, None if cache is None else cache.layers[i], mask)
+            if i + 1 < len(self.core_layers):   # (the cache is read only to feed a deeper layer)
+                u = layer(u, None if cache is None else cache.layers[i],
+                          None if cache is None else cache.mask(h.shape[1]))
         return out
 
     def coda(self, h: Tensor) -> Tensor:

@@ -128,11 +128,13 @@ def test_continuous_batching_matches_decoding_each_prompt_alone(lm):
 
 
 def test_the_core_sees_a_fixed_shape_and_every_slot_stays_busy(lm):
-    shapes = []
+    shapes, caps = [], set()
     core = lm.core
 
     def spy(h, e, cache=None):
         shapes.append((tuple(h.shape), cache is None))
+        if cache is not None:
+            caps.add(cache.layers[0][0].shape[2])
         return core(h, e, cache)
 
     lm.core = spy
@@ -144,6 +146,15 @@ def test_the_core_sees_a_fixed_shape_and_every_slot_stays_busy(lm):
     decoding = {s for s, prefill in shapes if not prefill}
     assert decoding == {(3, 1, lm.width)}
     assert all(s[1] > 1 or s[0] < 3 for s, prefill in shapes if prefill)   # (prefills: the admitted prompts)
+    # the cached positions attended to grow in blocks: a compiled core recompiles a few times at most
+    assert caps <= {min(lm.max_len, b) for b in range(fpsolve._generate.CACHE_BLOCK, lm.max_len + 32, 32)}
+
+
+def test_compiled_bookkeeping_decodes_the_same(lm):
+    kw = dict(max_new_tokens=4, slots=3, rtol=1e-6, check_every=2)
+    eager = decode(lm, MANY[:4], **kw)
+    comp = decode(lm, MANY[:4], compile=True, **kw)
+    assert [(g.tokens, g.iterations) for g in comp] == [(g.tokens, g.iterations) for g in eager]
 
 
 def test_sampled_tokens_do_not_depend_on_the_batch(lm):
