@@ -13,7 +13,7 @@ from .norms import frobenius_bound, lipschitz_bounds, spectral_bound
 from .blocks import LoopedTransformerBlock, SharedDropout
 from ._solution import Solution, Status
 from ._solve import solve
-from ._looped_lm import LoopedLM
+from ._looped_lm import KVCache, LoopedLM
 from ._generate import Generation, generate
 from ._stream import StreamResult, solve_stream, stream
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
@@ -48,6 +48,7 @@ __all__ = [
     "LoopedTransformerBlock",
     "SharedDropout",
     "LoopedLM",
+    "KVCache",
     "generate",
     "Generation",
     "diagnose",

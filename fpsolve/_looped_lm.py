@@ -31,14 +31,42 @@ from ._solve import solve
 
 @dataclass
 class KVCache:
-    """The converged keys and values of earlier positions: per core layer a pair `[B, H, S, dh]`,
-    and per row how many of the S positions are real (`lengths`, `[B]`; the rest is padding)."""
+    """The converged keys and values of earlier positions, as `generate` hands them to `core`.
+
+    Per core layer a pair `[B, H, S, dh]`, and per row how many of the S positions are real
+    (the rest is padding that `mask` hides). A model's `core(h, e, cache)` attends to them
+    beside its own positions.
+
+    Args:
+        layers: One `(keys, values)` pair per core layer, each `[B, H, S, dh]`.
+        lengths: int64 `[B]`: the real cached positions of each row (the first `lengths[b]`).
+
+    Example:
+        ```python
+        k = torch.randn(2, 1, 4, 8)
+        cache = fpsolve.KVCache([(k, k)], torch.tensor([1, 3]))
+        print(cache.mask(1)[:, 0, 0].tolist())   # row 0 sees 1 cached position, row 1 sees 3
+        ```
+    """
 
     layers: List[Tuple[Tensor, Tensor]]
     lengths: Tensor
 
     def mask(self, new: int) -> Tensor:
-        """Which cached positions each row may attend to: bool `[B, 1, new, S]`."""
+        """Which cached positions each row may attend to, for `new` new positions.
+
+        Args:
+            new: The number of new positions (the query length).
+
+        Returns:
+            bool `[B, 1, new, S]`, True where attention is allowed.
+
+        Example:
+            ```python
+            cache = fpsolve.KVCache([(torch.zeros(1, 1, 3, 2),) * 2], torch.tensor([2]))
+            print(cache.mask(2).shape)   # torch.Size([1, 1, 2, 3])
+            ```
+        """
         S = self.layers[0][0].shape[2]
         ok = torch.arange(S, device=self.lengths.device)[None, :] < self.lengths[:, None]
         return ok[:, None, None, :].expand(-1, 1, new, S)
