@@ -1,6 +1,7 @@
 """BENCH.md problem 5, `backward`: time and memory of one forward + backward as depth grows.
 
     python benchmarks/backward.py [--repeats 5] [--threads 2] [--depths 10,50,200] [--float64]
+                                  [--modes unroll,unroll_checkpoint] [--no-torchdeq]
 
 The map is `mlp_hard` of problems.py (tanh(W z + U x), W symmetric with spectral radius 0.99,
 width 256, batch 64) with W and U made trainable parameters. "Forward depth" d: the solve runs
@@ -16,7 +17,9 @@ Modes, each the same work in both libraries where both have it:
   fpsolve phantom   Phantom(steps=5, damping=0.5)
   torchdeq phantom  get_deq(core="sliced", grad=5, tau=0.5)
   fpsolve unroll    Unroll(): backpropagation through all d forward passes (torchdeq has none)
-  fpsolve unroll_ckpt        Unroll(checkpoint=1): the same, every pass of f recomputed in backward
+  fpsolve unroll_ckpt        Unroll(checkpoint=1): the same, in checkpointed segments of one pass
+  fpsolve unroll_checkpoint  Unroll(checkpoint=10): the same in segments of 10 passes, each
+                    recomputed in backward (memory grows with d / 10 segments)
   fpsolve unroll_last        Unroll(steps=d): d passes of f from the solution, recorded
   fpsolve unroll_last_ckpt   Unroll(steps=d, checkpoint=10): the same d passes in segments of 10,
                     each recomputed in backward (memory grows with d / 10 segments)
@@ -54,8 +57,9 @@ from problems import build  # noqa: E402
 DEPTHS = (10, 50, 200)
 ADJOINT_ITERS = 30
 PHANTOM_STEPS, PHANTOM_DAMPING = 5, 0.5
-SEGMENT = 10      # passes per checkpointed segment in unroll_last_ckpt
-FPSOLVE_MODES = ("implicit", "phantom", "unroll", "unroll_ckpt", "unroll_last", "unroll_last_ckpt")
+SEGMENT = 10      # passes per checkpointed segment in unroll_checkpoint and unroll_last_ckpt
+FPSOLVE_MODES = ("implicit", "phantom", "unroll", "unroll_ckpt", "unroll_checkpoint", "unroll_last",
+                 "unroll_last_ckpt")
 NEVER = 1e-30     # a tolerance that is never met: every solve runs its whole budget
 
 
@@ -96,6 +100,7 @@ class Case:
                 "phantom": fpsolve.Phantom(steps=PHANTOM_STEPS, damping=PHANTOM_DAMPING),
                 "unroll": fpsolve.Unroll(),
                 "unroll_ckpt": fpsolve.Unroll(checkpoint=1),
+                "unroll_checkpoint": fpsolve.Unroll(checkpoint=SEGMENT),
                 "unroll_last": fpsolve.Unroll(steps=depth),
                 "unroll_last_ckpt": fpsolve.Unroll(steps=depth, checkpoint=SEGMENT),
             }[mode]
@@ -168,14 +173,14 @@ def peak_bytes(run: Callable[[], Any]) -> Optional[int]:
 
 
 def run_benchmark(dtype: torch.dtype, depths: Tuple[int, ...], repeats: int,
-                  with_torchdeq: bool) -> List[Dict[str, Any]]:
+                  with_torchdeq: bool, modes: Tuple[str, ...] = FPSOLVE_MODES) -> List[Dict[str, Any]]:
     p = build("mlp_hard", dtype)
     f = TrainableTanh(p.f.wt, p.f.ut)
     gen = torch.Generator().manual_seed(1)
     c = torch.randn(p.z0.shape, generator=gen, dtype=torch.float64).to(dtype)
     rows: List[Dict[str, Any]] = []
     for depth in depths:
-        cases = [Case("fpsolve", m, depth, f, p.x, p.z0, c) for m in FPSOLVE_MODES]
+        cases = [Case("fpsolve", m, depth, f, p.x, p.z0, c) for m in modes]
         if with_torchdeq:
             cases += [Case("torchdeq", m, depth, f, p.x, p.z0, c) for m in ("implicit", "phantom")]
         fwd: Dict[str, List[float]] = {k.name: [] for k in cases}
@@ -241,7 +246,9 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
         f"both libraries. Implicit modes run exactly {ADJOINT_ITERS} adjoint iterations in both libraries "
         f"(fixed-point, tolerance never met); phantom modes take {PHANTOM_STEPS} steps with damping "
         f"{PHANTOM_DAMPING}; unroll backpropagates through every forward pass (torchdeq has no such mode), "
-        "unroll_ckpt the same with every pass of f recomputed in backward (`Unroll(checkpoint=1)`); "
+        "unroll_ckpt the same in checkpointed segments of one pass (`Unroll(checkpoint=1)`), "
+        f"unroll_checkpoint in segments of {SEGMENT} passes (`Unroll(checkpoint={SEGMENT})`: only the loop's state "
+        "entering each segment is kept); "
         f"unroll_last records *depth* passes of f from the solution (`Unroll(steps=depth)`), "
         f"unroll_last_ckpt the same in checkpointed segments of {SEGMENT} passes "
         f"(`Unroll(steps=depth, checkpoint={SEGMENT})`).",
@@ -284,6 +291,16 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
                              f"({ours['backward_ms']:.2f} vs {theirs['backward_ms']:.2f} ms) | "
                              f"{'met' if ratio <= 1.0 else '**not met**'} |")
         for d in depths:
+            plain, ck = _find(rows, "fpsolve", "unroll", d, dtype), _find(rows, "fpsolve", "unroll_checkpoint", d, dtype)
+            if plain and ck:
+                for key in ("saved_bytes", "peak_bytes"):
+                    if plain[key] is None or ck[key] is None:
+                        continue
+                    ratio = ck[key] / max(plain[key], 1)
+                    lines.append(f"| {dtype} | Unroll(checkpoint={SEGMENT}) {key.split('_')[0]} memory at depth {d} "
+                                 f"≤ 0.3× Unroll()'s (issue 19, item 11) | {ratio:.3f}× ({_mib(ck[key])} vs "
+                                 f"{_mib(plain[key])} MiB) | {'met' if ratio <= 0.3 else '**not met**'} |")
+        for d in depths:
             plain, ck = _find(rows, "fpsolve", "unroll_last", d, dtype), _find(rows, "fpsolve", "unroll_last_ckpt", d, dtype)
             if plain and ck:
                 lines.append(f"| {dtype} | checkpointed unroll of {d} passes ({-(-d // SEGMENT)} segments): saved bytes, "
@@ -302,6 +319,7 @@ def main(argv: Optional[List[str]] = None) -> Tuple[List[Dict[str, Any]], List[s
     ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     ap.add_argument("--float64", action="store_true", help="also run float64 (float32 always runs)")
     ap.add_argument("--no-torchdeq", action="store_true")
+    ap.add_argument("--modes", default=",".join(FPSOLVE_MODES), help="the fpsolve modes to run (comma-separated)")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -317,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> Tuple[List[Dict[str, Any]], List[s
         # the implicit adjoint runs a fixed 30 iterations on purpose (tolerance never met)
         warnings.simplefilter("ignore", fpsolve.ConvergenceWarning)
         for dtype in [torch.float32] + ([torch.float64] if args.float64 else []):
-            rows += run_benchmark(dtype, depths, args.repeats, with_torchdeq)
+            rows += run_benchmark(dtype, depths, args.repeats, with_torchdeq, tuple(args.modes.split(",")))
     meta = dict(machine(), load_before=load_before, load_after=loadavg(), repeats=args.repeats,
                 commit=git_rev(),
                 command="python benchmarks/backward.py " + " ".join(argv if argv is not None else sys.argv[1:]))

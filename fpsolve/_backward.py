@@ -8,9 +8,11 @@ gradient always flows through a graph of f built by autograd, never a hand-kept 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -22,7 +24,7 @@ from ._implicit import Implicit
 from ._run import Run
 from ._rules import finite_dead_rows, live_rows
 from ._solution import Solution, Status
-from ._tree import select_rows
+from ._tree import leaves, rebuild, select_rows, tensors_in
 
 Map = Callable[[Tensor, Any], Tensor]
 
@@ -94,12 +96,17 @@ class Unroll:
     `steps=k` records the last k passes of f, run from the solution as a looped model would.
     Memory grows with what is recorded. `backward="unroll"` is `Unroll()`.
 
-    `checkpoint=c` (activation checkpointing, `torch.utils.checkpoint`, same gradient): with
-    `steps=k` the k passes run in segments of c passes, of which only the input state is kept
-    and the passes are recomputed in backward, so memory grows with the k/c segments. With
-    `steps=None` every call of f is recomputed in backward (f's inner activations are not
-    kept; the state entering each pass and the solver's algebra still are). f must be the
-    same map when recomputed: no in-place updates such as BatchNorm's running statistics.
+    `checkpoint=c` (activation checkpointing, `torch.utils.checkpoint`, same gradient): the
+    recorded passes run in segments of c passes, and backward runs each segment again from
+    what was kept at its start, so memory grows with the segments, not the passes. With
+    `steps=k`, a segment keeps the state entering it. With `steps=None`, a segment keeps the
+    loop's state entering it: the iterate, the solver's state (Anderson's and Broyden's
+    histories), the active rows' inputs and a few per-row indices; not each row's best
+    iterate, whose value reaches only the answer. Its replay runs f and the solver's steps
+    again and drops the rows the forward dropped where it dropped them (a replay whose rows
+    stop elsewhere raises), so the gradient is `Unroll()`'s; the forward, its statuses,
+    iterations and trace are `Unroll()`'s too. f must be deterministic and the same map when
+    recomputed: no in-place updates such as BatchNorm's running statistics.
 
     Args:
         steps: None: the whole forward solve; k: k passes of f from the solution.
@@ -143,8 +150,9 @@ class Unroll:
 
         steps=None: the forward solve recorded by autograd, solver algebra included (a look at
         every pass: the graph must hold no pass after a sample stopped, whose algebra may be
-        non-finite). steps=k: the forward without autograd, then k passes from sol.z with it;
-        under `Depth(K)` the last k of the K passes (the first K - k run without autograd).
+        non-finite), in checkpointed segments with `checkpoint` (`recorded_forward`). steps=k:
+        the forward without autograd, then k passes from sol.z with it; under `Depth(K)` the
+        last k of the K passes (the first K - k run without autograd).
 
         Args:
             run: The solve as the loop sees it (`fpsolve._run.Run`), made by `solve`.
@@ -155,9 +163,9 @@ class Unroll:
         if self.steps is not None and run.criterion is not None and run.criterion.depth() is not None:
             return last_passes(run, self.steps, self.checkpoint)
         if self.steps is None:
-            fn = run.fn if self.checkpoint is None else _PerCallCheckpoint(run.fn)
+            fn, every = run.fn, self.checkpoint
             with torch.enable_grad():
-                sol = run.forward(fn=fn, check_every=1)
+                sol = recorded_forward(run, every)
                 rows = live_rows(sol.status)
                 if rows is not None and rows.numel() and run.per_sample:
                     # A diverged row's passes are in the graph (0 * nan reaches shared
@@ -167,7 +175,7 @@ class Unroll:
                     # and residuals hold at the z returned (a stateful f sees more calls).
                     x = select_rows(run.x, rows)
                     z0 = run.z0.index_select(0, rows)
-                    alone = run.forward(fn=fn, check_every=1, z0=z0, x=x, fz0=fn(z0, x))
+                    alone = recorded_forward(run, every, z0=z0, x=x, fz0=fn(z0, x))
                     sol.z = sol.z.detach().index_copy(0, rows, alone.z)
                     for name in ("iterations", "residual", "status", "converged"):
                         setattr(sol, name, getattr(sol, name).index_copy(0, rows, getattr(alone, name)))
@@ -186,7 +194,7 @@ class Unroll:
                     # the re-run's (the same passes when f treats samples independently).
                     dead = sol.status == int(Status.DIVERGED)
                     x = finite_dead_rows(run.x, sol.status)
-                    again = run.forward(fn=fn, check_every=1, x=x, fz0=fn(run.z0, x), frozen=dead)
+                    again = recorded_forward(run, every, x=x, fz0=fn(run.z0, x), frozen=dead)
                     keep = ~dead
                     sol.z = torch.where(keep.view((-1,) + (1,) * (sol.z.ndim - 1)), again.z, sol.z.detach())
                     for name in ("residual", "status", "converged"):
@@ -324,17 +332,75 @@ def _passes(fn: Map, z: Tensor, x: Any, n: int, damping: float) -> Tensor:
     return z
 
 
-class _PerCallCheckpoint:
-    """f for Unroll(steps=None, checkpoint=c): each call made with autograd on goes through
-    `torch.utils.checkpoint` (f's inner activations are recomputed in backward)."""
+# --- the whole forward recorded, in checkpointed segments ------------------------------------
 
-    def __init__(self, fn: Map) -> None:
-        self.fn = fn
+def recorded_forward(run: Run, every: Optional[int], **changes: Any) -> Solution:
+    """The forward solve recorded by autograd, a look every pass (`Unroll()`); with `every` = c,
+    in checkpointed segments of c passes (`Unroll(checkpoint=c)`).
 
-    def __call__(self, z: Tensor, x: Any) -> Tensor:
-        if torch.is_grad_enabled():
-            return _checkpoint(self.fn, z, x, use_reentrant=False, context_fn=same_map)
-        return self.fn(z, x)
+    A segment keeps only the loop's state entering it (its `CARRY` fields: the iterate, the
+    solver's state, the active rows' inputs and bookkeeping), except the fields whose values
+    reach only the answers (`answer_only`: each row's best iterate), which the segment's
+    forward gets and then lets go (unless a batch row was frozen at it in the segment: then
+    it reached f, and is kept). In backward the passes (f, the solver's steps, the rows
+    dropped) run again from that state and take the forward's decisions (the same values,
+    bit for bit; checkpoint checks that every recomputed tensor has its forward shape)."""
+    loop = run.loop(check_every=1, **changes)
+    loop.start()
+    while not loop.stopped:
+        if every is None:
+            loop.advance()
+            continue
+        loose = loop.answer_only()
+        held = {name: getattr(loop, name) for name in loose}
+        start = copy.copy(loop)   # (kept by the checkpoint: without the answer-only values)
+        for name in loose:
+            setattr(start, name, None)
+        tensors = tensors_in(tuple(getattr(start, name) for name in start.CARRY))
+        loop = _checkpoint(_segment, start, every, held, [], *tensors, use_reentrant=False, context_fn=same_map)
+        if set(loop.answer_only()) >= set(loose):   # (still answer-only at the segment's end)
+            for name, value in list(held.items()):
+                held[name] = value if value is None else _stand_in(value)
+    return loop.finish()
 
 
-__all__ = ["Implicit", "Phantom", "Unroll", "Backward", "make_backward", "phantom_gradient", "phantom_steps"]
+def _stand_in(t: Tensor) -> Tensor:
+    """Zeros shaped like t, without its memory (one element, expanded), requiring grad as t does
+    (so that the replay's ops on it save the tensors the forward's saved)."""
+    return t.new_zeros(()).requires_grad_(t.requires_grad).expand(t.shape)
+
+
+def _segment(start: Any, passes: int, held: Dict[str, Any], trail: List[Tuple[int, ...]], *tensors: Tensor) -> Any:
+    """`passes` passes of a copy of the loop `start` whose carried fields hold `tensors` and the
+    answer-only values `held` (in backward: zeros of their shape, as no saved tensor depends on
+    them); `start`, kept by the checkpoint as the segment's input, is never changed. The forward
+    notes its decisions in `trail`; a replay that decides otherwise raises."""
+    loop = copy.copy(start)
+    items = iter(tensors)
+    fresh = lambda leaf: next(items) if isinstance(leaf, Tensor) else (  # noqa: E731
+        leaf.copy() if isinstance(leaf, np.ndarray) else leaf)             # (host arrays: own copies)
+    for name in loop.CARRY:
+        value = getattr(loop, name)
+        setattr(loop, name, rebuild(value, (fresh(leaf) for leaf in leaves(value))))
+    for name, value in held.items():
+        setattr(loop, name, value)
+    for name in ("finished", "trace_rows", "kept"):   # (outputs: the segment appends its own)
+        if getattr(loop, name, None) is not None:
+            setattr(loop, name, list(getattr(loop, name)))
+    replay = bool(trail)
+    for i in range(passes):
+        if loop.stopped:
+            break
+        loop.advance()
+        if not replay:
+            trail.append(loop.decisions())
+        elif trail[i] != loop.decisions():
+            raise RuntimeError(
+                "fpsolve: Unroll(checkpoint=c) recomputed a segment of passes in backward, and its rows "
+                "stopped elsewhere than in the forward: f (or the solver) did not give the same values "
+                "again. f must be deterministic (on a GPU, torch.use_deterministic_algorithms(True)) "
+                "and the same map (no in-place state such as BatchNorm's running statistics).")
+    return loop
+
+
+__all__ = ["Implicit", "Phantom", "Unroll", "Backward", "make_backward", "phantom_gradient", "phantom_steps", "recorded_forward"]

@@ -118,82 +118,129 @@ def iterate_batch(s: dict) -> Solution:
     iterate, every sample meets its criterion or has diverged, and returns that iterate: the
     statuses are those at it. A diverged row is frozen at its last finite iterate (safe_z)
     so it cannot poison a map that mixes rows."""
-    fn, z0, x, solver, rule, criterion = s["fn"], s["z0"], s["x"], s["solver"], s["rule"], s["criterion"]
-    max_iter, round_fn, passes, min_iter = s["max_iter"], s["round_fn"], s["path_passes"], s["min_iter"]
-    B, dev = z0.shape[0], z0.device
-    bcast = (-1,) + (1,) * (z0.ndim - 1)
-    measure = measurer(rule, criterion, z0)
-    low = floor(z0[0].numel(), rule.norm)
-    dead_mask: Optional[Tensor] = s.get("frozen")
-    any_dead = dead_mask is not None
-    z, fz = z0, s["fz0"]
-    safe_z = safe_r = limit = None
-    if any_dead:   # (rows known dead: held at their start, DIVERGED, from the first pass)
-        dead_mask, safe_z, safe_r = dead_mask.clone(), z0, torch.zeros(B, dtype=z0.dtype, device=dev)
-        bad = torch.zeros(B, dtype=torch.bool, device=dev)
-    state = None
-    cstate = criterion.init(z0) if criterion is not None else None
-    evaluations = 0
-    trace_rows: Optional[Trace] = [] if s["record"] else None
-    kept: Kept = []
-    k = 0
-    while True:
+    return BatchLoop(s).run()
+
+
+class BatchLoop:
+    """One halting="batch" solve (`iterate_batch`), pass by pass: `start`, `advance` until
+    `stopped`, `finish` (the same interface as `_sample_loop.SampleLoop`)."""
+
+    #: the fields that carry the loop from one pass to the next (what a checkpointed segment
+    #: of `Unroll(checkpoint=c)` starts from); `trace_rows` and `kept` are outputs
+    CARRY = ("z", "fz", "state", "safe_z", "safe_r", "limit", "dead_mask", "bad", "cstate", "excess", "rn")
+
+    def __init__(self, s: dict) -> None:
+        self.fn, self.z0, self.x, self.solver, self.rule = s["fn"], s["z0"], s["x"], s["solver"], s["rule"]
+        self.criterion, self.max_iter, self.round_fn = s["criterion"], s["max_iter"], s["round_fn"]
+        self.passes, self.min_iter, self.fz0, self.record = s["path_passes"], s["min_iter"], s["fz0"], s["record"]
+        self.frozen: Optional[Tensor] = s.get("frozen")
+
+    def answer_only(self) -> Tuple[str, ...]:
+        """The CARRY fields whose values reach only the answers (never f, the solver or a tensor
+        autograd saves): the last finite iterate, until a row is frozen at it."""
+        return () if self.any_dead else ("safe_z",)
+
+    def decisions(self) -> Tuple[int, ...]:
+        """The host's decisions so far, in brief: passes, whether a row is frozen, whether the
+        batch has stopped."""
+        return self.k, int(bool(self.any_dead)), int(self.stopped)
+
+    def run(self) -> Solution:
+        """Pass after pass until the batch stops; then its Solution."""
+        self.start()
+        while not self.stopped:
+            self.advance()
+        return self.finish()
+
+    def start(self) -> None:
+        """The state before the first pass (f(z0) is known: `fz0`)."""
+        z0 = self.z0
+        self.B, self.bcast = z0.shape[0], (-1,) + (1,) * (z0.ndim - 1)
+        self.measure = measurer(self.rule, self.criterion, z0)
+        self.low = floor(z0[0].numel(), self.rule.norm)
+        self.dead_mask: Optional[Tensor] = self.frozen
+        self.any_dead = self.dead_mask is not None
+        self.z, self.fz = z0, self.fz0
+        self.safe_z = self.safe_r = self.limit = self.bad = self.rn = self.excess = None
+        if self.any_dead:   # (rows known dead: held at their start, DIVERGED, from the first pass)
+            self.dead_mask, self.safe_z = self.dead_mask.clone(), z0
+            self.safe_r = torch.zeros(self.B, dtype=z0.dtype, device=z0.device)
+            self.bad = torch.zeros(self.B, dtype=torch.bool, device=z0.device)
+        self.state: Any = None
+        self.cstate = self.criterion.init(z0) if self.criterion is not None else None
+        self.evaluations = 0
+        self.trace_rows: Optional[Trace] = [] if self.record else None
+        self.kept: Kept = []
+        self.k = 0
+        self.stopped = False
+
+    def advance(self) -> None:
+        """One pass: f (after the first), the measurement and the one host sync, the solver's step."""
+        k, B, bcast, z, fz = self.k, self.B, self.bcast, self.z, self.fz
         if k > 0:
-            fz = call_f(fn, z, x, k, B, B)
-        evaluations += B
-        if k + 1 in passes:
-            kept.append((k + 1, None, z))
-        g, rn, fnorm, excess, cstate = measure(z, fz, cstate)
-        if trace_rows is not None:
-            trace_rows.append((None, rn))
-        if limit is None:
-            limit = divergence_limit(rn, fnorm, low)
+            fz = call_f(self.fn, z, self.x, k, B, B)
+        self.evaluations += B
+        if k + 1 in self.passes:
+            self.kept.append((k + 1, None, z))
+        g, rn, fnorm, excess, self.cstate = self.measure(z, fz, self.cstate)
+        self.fz, self.rn, self.excess = fz, rn, excess
+        if self.trace_rows is not None:
+            self.trace_rows.append((None, rn))
+        if self.limit is None:
+            self.limit = divergence_limit(rn, fnorm, self.low)
+        limit = self.limit
         # The one host sync of a pass: is every sample still running and within bounds?
         # (nan fails the `> 0` test, so non-finite values are caught.) Before min_iter no
         # criterion may stop a sample.
-        early = k + 1 < min_iter
+        early = k + 1 < self.min_iter
         if (limit - rn if early else torch.minimum(limit - rn, excess)).min().item() > 0:
-            safe_z, safe_r = z, rn
+            self.safe_z, self.safe_r = z, rn
         else:
             if k == 0:
-                check_start(z0)
-            bad = ~(rn <= limit)      # non-finite, or blown up
-            safe_z = z if safe_z is None else torch.where(bad.view(bcast), safe_z, z)
-            safe_r = rn if safe_r is None else torch.where(bad, safe_r, rn)
-            dead_mask = bad if dead_mask is None else dead_mask | bad
-            met = dead_mask if early else (excess <= 0) | dead_mask
-            all_done, any_dead = torch.stack((met.all(), dead_mask.any())).tolist()
+                check_start(self.z0)
+            bad = self.bad = ~(rn <= limit)      # non-finite, or blown up
+            self.safe_z = z if self.safe_z is None else torch.where(bad.view(bcast), self.safe_z, z)
+            self.safe_r = rn if self.safe_r is None else torch.where(bad, self.safe_r, rn)
+            self.dead_mask = bad if self.dead_mask is None else self.dead_mask | bad
+            met = self.dead_mask if early else (excess <= 0) | self.dead_mask
+            all_done, self.any_dead = torch.stack((met.all(), self.dead_mask.any())).tolist()
             if all_done:
-                break
-        if k + 1 >= max_iter:
-            break
-        if state is None:
-            state = solver.init(z, fz, g)
-        z, state = solver.step(state, z, fz, g, k)
-        if any_dead:
-            z = torch.where(dead_mask.view(bcast), safe_z, z)
-        if round_fn is not None:
-            z = round_fn(z)
-        k += 1
+                self.stopped = True
+                return
+        if k + 1 >= self.max_iter:
+            self.stopped = True
+            return
+        if self.state is None:
+            self.state = self.solver.init(z, fz, g)
+        z, self.state = self.solver.step(self.state, z, fz, g, k)
+        if self.any_dead:
+            z = torch.where(self.dead_mask.view(bcast), self.safe_z, z)
+        if self.round_fn is not None:
+            z = self.round_fn(z)
+        self.z, self.fz, self.k = z, None, k + 1   # (f(z) is known only for z0)
 
-    held = (excess <= 0) & (rn <= limit)
-    status = torch.where(held, done_code(criterion), int(Status.MAX_ITER))
-    if criterion is not None and bool((held if dead_mask is None else held | dead_mask).all()):
-        # (a criterion judged the newest state, f(z): when every sample halted there, the batch
-        # returns it; when the budget ran out first, the batch stays at its last iterate z, a
-        # point where f was evaluated, so that every status holds at one iterate of the batch)
-        z = fz
-    if dead_mask is not None:
-        status = torch.where(dead_mask, int(Status.DIVERGED), status)
-        # (a row that died at this pass goes back to its last finite iterate and its residual)
-        z = torch.where(dead_mask.view(bcast), safe_z, z)
-        rn = torch.where(dead_mask & bad, safe_r, rn)
-    iterations = torch.full((B,), k + 1, dtype=torch.int64, device=dev)
-    sol = solution(z, rn, iterations, status, evaluations, make_trace(trace_rows, iterations, B, z0.dtype))
-    if passes:
-        sol.path = kept_path(passes, kept, sol.z, sol.iterations, k + 1)
-    return sol
+    def finish(self) -> Solution:
+        """The Solution at the iterate where the batch stopped."""
+        z, fz, rn, excess, dead_mask, criterion = self.z, self.fz, self.rn, self.excess, self.dead_mask, self.criterion
+        held = (excess <= 0) & (rn <= self.limit)
+        status = torch.where(held, done_code(criterion), int(Status.MAX_ITER))
+        if criterion is not None and bool((held if dead_mask is None else held | dead_mask).all()):
+            # (a criterion judged the newest state, f(z): when every sample halted there, the batch
+            # returns it; when the budget ran out first, the batch stays at its last iterate z, a
+            # point where f was evaluated, so that every status holds at one iterate of the batch)
+            z = fz
+        if dead_mask is not None:
+            status = torch.where(dead_mask, int(Status.DIVERGED), status)
+            # (a row that died at this pass goes back to its last finite iterate and its residual)
+            z = torch.where(dead_mask.view(self.bcast), self.safe_z, z)
+            rn = torch.where(dead_mask & self.bad, self.safe_r, rn)
+        iterations = torch.full((self.B,), self.k + 1, dtype=torch.int64, device=self.z0.device)
+        sol = solution(z, rn, iterations, status, self.evaluations,
+                       make_trace(self.trace_rows, iterations, self.B, self.z0.dtype))
+        if self.passes:
+            sol.path = kept_path(self.passes, self.kept, sol.z, sol.iterations, self.k + 1)
+        return sol
 
 
-__all__ = ["iterate_batch", "call_f", "measurer", "check_start",
+__all__ = ["iterate_batch", "BatchLoop", "call_f", "measurer", "check_start",
            "make_trace", "kept_path"]

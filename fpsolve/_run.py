@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 from torch import Tensor
 
 from ._criteria import PackedCriterion, Residual
-from ._loop import Map, iterate_batch
+from ._loop import BatchLoop, Map
 from ._sample_loop import SampleLoop
 from ._solution import Solution
 from .solvers._base import Solver
@@ -37,11 +37,15 @@ class Run:
 
     def forward(self, **changes: Any) -> Solution:
         """Iterate to a Solution (z in the loop's layout), with some settings changed."""
+        return self.loop(**changes).run()
+
+    def loop(self, **changes: Any) -> Union[SampleLoop, BatchLoop]:
+        """The loop that runs this solve (not started), with some settings changed."""
         run = replace(self, **changes) if changes else self
         settings = dict(run.__dict__)
         if run.per_sample:
-            return SampleLoop(**settings).run()
-        return iterate_batch(settings)
+            return SampleLoop(**settings)
+        return BatchLoop(settings)
 
 
 __all__ = ["Run"]

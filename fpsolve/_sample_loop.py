@@ -62,59 +62,88 @@ class SampleLoop:
 
     def run(self) -> Solution:
         """Pass after pass until every row has stopped; then the Solution in the original order."""
-        fn, solver, round_fn, passes = self.fn, self.solver, self.round_fn, self.passes
-        measure = measurer(self.rule, self.criterion, self.z0)
-        select_state = getattr(solver, "compact", None) or compact
+        self.start()
+        while not self.stopped:
+            self.advance()
+        return self.finish()
+
+    #: the fields that carry the loop from one pass to the next (what a checkpointed segment
+    #: of `Unroll(checkpoint=c)` starts from); `finished`, `trace_rows` and `kept` are outputs
+    CARRY = ("z", "fz", "state", "limit_t", "win_z", "win_r", "win_e", "win_f", "best_z", "idx_t", "xa", "cstate")
+
+    def answer_only(self) -> Tuple[str, ...]:
+        """The CARRY fields whose values reach only the answers (rows gathered, never f, the
+        solver or a tensor autograd saves): each row's best iterate so far."""
+        return ("best_z",)
+
+    def decisions(self) -> Tuple[int, ...]:
+        """The host's decisions so far, in brief: passes, active rows (their count and the sum
+        of their original indices), whether every row has stopped."""
+        return self.k, self.n_active, -1 if self.idx is None else int(self.idx.sum()), int(self.stopped)
+
+    def start(self) -> None:
+        """The state before the first pass (f(z0) is known: `fz0`)."""
+        self.measure = measurer(self.rule, self.criterion, self.z0)
+        self.select_state = getattr(self.solver, "compact", None) or compact
         self.cstate = self.criterion.init(self.z0) if self.criterion is not None else None
-        z, fz = self.z0, self.fz0
-        limit_t: Optional[Tensor] = None
-        state = None
-        evaluations = 0
-        kept: Kept = []
-        win_z: List[Tensor] = []   # the window's iterates (references), their residual norms and
-        win_r: List[Tensor] = []   # excess over the tolerance (<= 0: met; or -1/+1 from a criterion)
-        win_e: List[Tensor] = []
-        win_f: List[Tensor] = []   # f's outputs (the newest states), with a criterion
-        k = 0
-        while True:
-            if k > 0:
-                fz = call_f(fn, z, self.xa, k, self.n_active, self.B)
-            evaluations += self.n_active
-            if k + 1 in passes:
-                kept.append((k + 1, self.idx_t, z))
-            g, rn, fnorm, excess, self.cstate = measure(z, fz, self.cstate)
-            if self.trace_rows is not None:
-                self.trace_rows.append((self.idx_t, rn))
-            if limit_t is None:
-                limit_t = divergence_limit(rn, fnorm, floor(self.z0[0].numel(), self.rule.norm))
-            win_z.append(z)
-            win_r.append(rn)
-            win_e.append(excess)
-            if self.newest:
-                win_f.append(fz)
-            last = k + 1 >= self.max_iter
-            stay = None
-            if len(win_z) == self.window or last or k == 0:   # (a look after the first pass
-                # catches a warm start that is already a fixed point)
-                stay = self.look(win_z, win_r, win_e, win_f, limit_t, k, last)
-                if self.n_active == 0:
-                    break
-                win_z, win_r, win_e, win_f = [], [], [], []
-            # The solver steps on the rows it has seen, then the rows that stopped are dropped
-            # from its output (so f(z) and g are never copied).
-            if state is None:
-                state = solver.init(z, fz, g)
-            z, state = solver.step(state, z, fz, g, k)
-            if stay is not None:
-                z = z.index_select(0, stay)
-                state = select_state(state, stay)
-            if round_fn is not None:
-                z = round_fn(z)
-            k += 1
+        self.z, self.fz = self.z0, self.fz0
+        self.limit_t: Optional[Tensor] = None
+        self.state: Any = None
+        self.evaluations = 0
+        self.kept: Kept = []
+        self.win_z: List[Tensor] = []   # the window's iterates (references), their residual norms and
+        self.win_r: List[Tensor] = []   # excess over the tolerance (<= 0: met; or -1/+1 from a criterion)
+        self.win_e: List[Tensor] = []
+        self.win_f: List[Tensor] = []   # f's outputs (the newest states), with a criterion
+        self.k = 0
+        self.stopped = False
+
+    def advance(self) -> None:
+        """One pass: f (after the first), the measurement, a look when due, the solver's step."""
+        solver, k = self.solver, self.k
+        z, fz = self.z, self.fz
+        if k > 0:
+            fz = call_f(self.fn, z, self.xa, k, self.n_active, self.B)
+        self.evaluations += self.n_active
+        if k + 1 in self.passes:
+            self.kept.append((k + 1, self.idx_t, z))
+        g, rn, fnorm, excess, self.cstate = self.measure(z, fz, self.cstate)
+        if self.trace_rows is not None:
+            self.trace_rows.append((self.idx_t, rn))
+        if self.limit_t is None:
+            self.limit_t = divergence_limit(rn, fnorm, floor(self.z0[0].numel(), self.rule.norm))
+        self.win_z.append(z)
+        self.win_r.append(rn)
+        self.win_e.append(excess)
+        if self.newest:
+            self.win_f.append(fz)
+        last = k + 1 >= self.max_iter
+        stay = None
+        if len(self.win_z) == self.window or last or k == 0:   # (a look after the first pass
+            # catches a warm start that is already a fixed point)
+            stay = self.look(self.win_z, self.win_r, self.win_e, self.win_f, self.limit_t, k, last)
+            self.win_z, self.win_r, self.win_e, self.win_f = [], [], [], []
+            if self.n_active == 0:
+                self.stopped = True
+                return
+        # The solver steps on the rows it has seen, then the rows that stopped are dropped
+        # from its output (so f(z) and g are never copied).
+        if self.state is None:
+            self.state = solver.init(z, fz, g)
+        z, self.state = solver.step(self.state, z, fz, g, k)
+        if stay is not None:
+            z = z.index_select(0, stay)
+            self.state = self.select_state(self.state, stay)
+        if self.round_fn is not None:
+            z = self.round_fn(z)
+        self.z, self.fz, self.k = z, None, k + 1   # (f(z) is known only for z0)
+
+    def finish(self) -> Solution:
+        """The Solution, in the original order of the rows."""
         z, r, it, status = assemble(self.finished, self.dev)
-        sol = solution(z, r, it, status, evaluations, make_trace(self.trace_rows, it, self.B, self.z0.dtype))
-        if passes:
-            sol.path = kept_path(passes, kept, sol.z, sol.iterations, int(sol.iterations.min()))
+        sol = solution(z, r, it, status, self.evaluations, make_trace(self.trace_rows, it, self.B, self.z0.dtype))
+        if self.passes:
+            sol.path = kept_path(self.passes, self.kept, sol.z, sol.iterations, int(sol.iterations.min()))
         return sol
 
     def look(self, win_z: List[Tensor], win_r: List[Tensor], win_e: List[Tensor], win_f: List[Tensor],

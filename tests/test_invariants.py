@@ -629,7 +629,8 @@ def test_broyden_line_search_recorded_for_unroll_treats_samples_independently():
 # (vii) issue 19, item 1: a DIVERGED row contributes exactly zero to every gradient
 # --------------------------------------------------------------------------------------------
 
-DEAD_BACKWARDS = ["implicit", "phantom", fpsolve.Unroll(), fpsolve.Unroll(steps=3), fpsolve.Unroll(steps=4, checkpoint=2),
+DEAD_BACKWARDS = ["implicit", "phantom", fpsolve.Unroll(), fpsolve.Unroll(checkpoint=3), fpsolve.Unroll(steps=3),
+                  fpsolve.Unroll(steps=4, checkpoint=2),
                   fpsolve.Phantom(steps=2, damping=0.7)]
 
 
