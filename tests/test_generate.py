@@ -196,7 +196,8 @@ def test_a_diverging_token_mid_sequence_ends_its_sequence_cleanly():
     assert len(out[1].iterations) == 2
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(20, settings.default.max_examples // 50), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(prompts=st.lists(st.lists(st.integers(0, 10), min_size=1, max_size=6), min_size=1, max_size=6),
        slots=st.integers(1, 4), every=st.integers(1, 4), new=st.integers(1, 5),
        criterion=st.sampled_from(["residual", "kl", "depth"]), warm=st.booleans())
