@@ -160,6 +160,7 @@ class _Decoder:
         self.pos = np.zeros(S, dtype=np.int64)
         self.cache: List[Tuple[Tensor, Tensor]] = []
         self.cap = 0
+        self.view: Optional[KVCache] = None
         # the prefill's rule: fixed depth stays fixed depth; any other criterion needs one row's
         # read-out, so a whole prompt is judged by the residual rule
         self.prefill_opts = opts.replace(check_every=None, criterion=opts.criterion
@@ -182,9 +183,9 @@ class _Decoder:
         loop = _SlotLoop(layout.wrap(self.core, True), layout, _Structure(), None, [e, pos], z, self.S, self.S,
                          self.opts, rounding(layout.dtype, layout.work_dtype), self.compile)
         loop.retire(np.setdiff1d(np.arange(self.S), slots))
-        e_buf = loop.x_leaves[0]
+        e_buf, pos_buf = loop.x_leaves
         while True:
-            self.grow()
+            self.grow(pos_buf)
             loop.passes()
             chunk, emit = loop.look()
             if chunk is None:
@@ -206,15 +207,16 @@ class _Decoder:
 
     def core(self, h: Tensor, x: Any) -> Tensor:
         """One pass of the core for every slot, attending to its cached positions."""
-        e, pos = x
-        cap = self.cap
-        return self.model.core(h, e, KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos))
+        return self.model.core(h, x[0], self.view)
 
-    def grow(self) -> None:
-        """The cached positions the core attends to cover every slot's (in blocks)."""
+    def grow(self, pos: Tensor) -> None:
+        """The window's view of the cache: the cached positions the core attends to cover every
+        slot's (they grow in blocks), and the slots' lengths `pos` (fixed until the next look)."""
         need = int(self.pos.max()) + 1
         if need > self.cap:
             self.cap = min(self.model.max_len, -(-need // CACHE_BLOCK) * CACHE_BLOCK)
+        cap = self.cap
+        self.view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos)
 
     def advance(self, slots: np.ndarray, h: Tensor, its: np.ndarray, codes: np.ndarray, e_buf: Tensor,
                 done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:

@@ -19,8 +19,8 @@ The protocol a user's own looped LM implements to use `generate` (`LoopedLM` is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ class KVCache:
 
     Per core layer a pair `[B, H, S, dh]`, and per row how many of the S positions are real
     (the rest is padding that `mask` hides). A model's `core(h, e, cache)` attends to them
-    beside its own positions.
+    beside its own positions. A cache is not changed while in use (its mask is made once).
 
     Args:
         layers: One `(keys, values)` pair per core layer, each `[B, H, S, dh]`.
@@ -51,6 +51,7 @@ class KVCache:
 
     layers: List[Tuple[Tensor, Tensor]]
     lengths: Tensor
+    _masks: Dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)   # (made once per `new`)
 
     def mask(self, new: int) -> Tensor:
         """Which cached positions each row may attend to, for `new` new positions.
@@ -67,9 +68,11 @@ class KVCache:
             print(cache.mask(2).shape)   # torch.Size([1, 1, 2, 3])
             ```
         """
-        S = self.layers[0][0].shape[2]
-        ok = torch.arange(S, device=self.lengths.device)[None, :] < self.lengths[:, None]
-        return ok[:, None, None, :].expand(-1, 1, new, S)
+        if new not in self._masks:   # (a cache is not changed while in use: its mask is made once)
+            S = self.layers[0][0].shape[2]
+            ok = torch.arange(S, device=self.lengths.device)[None, :] < self.lengths[:, None]
+            self._masks[new] = ok[:, None, None, :].expand(-1, 1, new, S)
+        return self._masks[new]
 
 
 class _Attention(nn.Module):
