@@ -114,14 +114,16 @@ def test_the_forward_trains_with_any_backward_mode():
 MANY = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [3], [2, 2, 2, 2], [9, 1], [5, 6, 7]]
 
 
-def test_continuous_batching_matches_decoding_each_prompt_alone(lm):
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_continuous_batching_matches_decoding_each_prompt_alone(lm, solver):
     """More prompts than slots, sequences of several lengths: a finished sequence's slot takes
     the next prompt; tokens and per-token iterations are those of each prompt decoded alone,
-    whatever the slots and the look cadence."""
-    alone = [decode(lm, [p], slots=1, max_new_tokens=2 + i % 4, rtol=1e-6)[0] for i, p in enumerate(MANY)]
+    whatever the slots and the look cadence (a refilled slot's solver history starts afresh)."""
+    alone = [decode(lm, [p], slots=1, max_new_tokens=2 + i % 4, rtol=1e-6, solver=solver)[0]
+             for i, p in enumerate(MANY)]
     for slots, every in ((2, 1), (3, 2), (8, 5)):
         out = sorted(fpsolve.generate(lm, MANY, max_new_tokens=5, slots=slots, check_every=every, rtol=1e-6,
-                                      max_iter=300), key=lambda g: g.index)
+                                      max_iter=300, solver=solver), key=lambda g: g.index)
         for a, g in zip(alone, out):
             n = len(a.tokens)
             assert (g.tokens[:n], g.iterations[:n]) == (a.tokens, a.iterations), (slots, every)
