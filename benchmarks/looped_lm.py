@@ -254,15 +254,24 @@ def write(r: Dict[str, Any], lines: List[str]) -> None:
         fh.write("\n")
 
 
-def build(quick: bool, n_prompts: int) -> Setup:
-    """The shipped checkpoint and its task (benchmarks/train_looped_lm.py, examples/lm_task.py)."""
-    from train_looped_lm import load   # noqa: E402
-    import lm_task   # noqa: E402
-    model, meta = load()
-    prompts, max_new = lm_task.benchmark_prompts(64 if quick else n_prompts, seed=1234)
+def build(quick: bool, n_prompts: int, path: Optional[str] = None) -> Setup:
+    """The shipped checkpoint and its task (benchmarks/train_looped_lm.py, examples/lm_task.py):
+    prompts of two complete queries and a final `s k` with k drawn from the language's own
+    P(k) ~ 1/k; 8 new tokens each (`=`, the answer, `;`, and a query of the model's own)."""
+    import train_looped_lm   # noqa: E402
+    from lm_task import DESCRIPTION, Task, judge   # noqa: E402
+    model, meta = train_looped_lm.load(path or train_looped_lm.CHECKPOINT)
+    task = Task(**meta["task"])
+    n = 64 if quick else n_prompts
+    ks = task.sample_k(n, torch.Generator().manual_seed(4321)).tolist()
+    prompts, _ = task.prompts(n, seed=1234, ks=ks)
+
+    def accuracy(prompts: List[List[int]], tokens: List[List[int]]) -> float:
+        marks = [ok for p, t in zip(prompts, tokens) for _, _, ok in judge(task, p, t)]
+        return sum(marks) / max(1, len(marks))
     rule = meta["rule"]
-    return Setup(model, prompts, max_new, rule["rtol"], rule["norm"], rule["max_iter"], lm_task.judge,
-                 lm_task.DESCRIPTION)
+    return Setup(model, prompts, 8, rule["rtol"], rule["norm"], rule["max_iter"], accuracy,
+                 DESCRIPTION + " Answers judged against the `s k` before each `=` (the model's own too).")
 
 
 def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
@@ -272,10 +281,11 @@ def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--check-every", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--write", action="store_true", help="write the looped_lm key of docs/benchmarks.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    s = build(args.quick, args.prompts)
+    s = build(args.quick, args.prompts, args.checkpoint)
     r = measure(s, args.slots, 2 if args.quick else args.repeats, args.check_every)
     lines = markdown(r)
     print("\n".join(lines))
