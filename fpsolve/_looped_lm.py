@@ -103,11 +103,11 @@ class _Attention(nn.Module):
 class _Layer(nn.Module):
     """A pre-norm transformer layer with small learned residual scales (for convergence)."""
 
-    def __init__(self, d: int, heads: int, scale: float) -> None:
+    def __init__(self, d: int, heads: int, scale: float, mlp_ratio: int = 4) -> None:
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = _Attention(d, heads)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
         self.a = nn.Parameter(torch.tensor(scale))
         self.m = nn.Parameter(torch.tensor(scale))
 
@@ -136,6 +136,8 @@ class LoopedLM(nn.Module):
         prelude_layers: Layers in the prelude (run once per token).
         max_len: The longest sequence (learned positions).
         residual_scale: The starting residual scale of the core's layers.
+        mlp_ratio: The hidden width of the core layers' MLPs, in units of width (the prelude's
+            layers keep 4).
 
     Raises:
         TypeError, ValueError: a size that is not a positive integer, or heads not dividing width.
@@ -152,7 +154,8 @@ class LoopedLM(nn.Module):
     """
 
     def __init__(self, vocab_size: int, width: int = 64, heads: int = 4, core_layers: int = 1,
-                 prelude_layers: int = 1, max_len: int = 256, residual_scale: float = 0.2) -> None:
+                 prelude_layers: int = 1, max_len: int = 256, residual_scale: float = 0.2,
+                 mlp_ratio: int = 4) -> None:
         super().__init__()
         self.vocab_size = as_int("vocab_size", vocab_size, minimum=2)
         self.width = d = as_int("width", width)
@@ -164,7 +167,8 @@ class LoopedLM(nn.Module):
         self.embed = nn.Embedding(self.vocab_size, d)
         self.pos = nn.Embedding(self.max_len, d)
         self.pre = nn.ModuleList(_Layer(d, heads, 1.0) for _ in range(as_int("prelude_layers", prelude_layers, minimum=0)))
-        self.core_layers = nn.ModuleList(_Layer(d, heads, scale) for _ in range(as_int("core_layers", core_layers)))
+        ratio = as_int("mlp_ratio", mlp_ratio)
+        self.core_layers = nn.ModuleList(_Layer(d, heads, scale, ratio) for _ in range(as_int("core_layers", core_layers)))
         self.head_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, self.vocab_size)
 
