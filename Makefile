@@ -16,6 +16,7 @@ install: .venv/installed
 demo: install
 	$(PY) examples/quickstart.py
 	$(PY) examples/halting_study.py --quick
+	$(PY) examples/looped_lm.py --quick
 
 # The suite includes the docs: every snippet, the --strict site build, and the browser test
 # (skipped, with the reason, when Chromium is absent: `make docs` installs it).

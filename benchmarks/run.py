@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import backward  # noqa: E402
-import looped_lm  # noqa: E402
+import lm_decoding  # noqa: E402
 import ops  # noqa: E402
 import solvers  # noqa: E402
 import stream  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(1)
     st_results = [stream.measure(stream.build(n, args.quick), 3 if args.quick else (5 if n == "maze" else 15))
                   for n in stream.STREAMS]
-    lm_result, lm_lines = looped_lm.main(["--quick"] if args.quick else [])
+    lm_result, lm_lines = lm_decoding.main(["--quick"] if args.quick else [])
     torch.set_num_threads(args.threads)
     meta = machine()
     cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
@@ -148,7 +148,7 @@ def main() -> None:
               "K passes the hardest sample needs, with no checks; the *ideal* is that time × Σ "
               "iterations ÷ (N·K). f calls are what an accelerator pays below its saturation, f rows "
               "what a CPU pays on large tensors.", ""] + stream.markdown(st_results)
-    lines += ["", looped_lm.SECTION, ""] + lm_lines
+    lines += ["", lm_decoding.SECTION, ""] + lm_lines
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     with open(os.path.join(ROOT, "docs", "benchmarks.md"), "w") as fh:
         fh.write("\n".join(lines))

@@ -79,10 +79,17 @@ def train(args) -> None:
     kcur, ema, t0, step = args.k0, 0.0, time.time(), 0
     while time.time() - t0 < args.minutes * 60:
         lo, hi = kcur + 2, int(1.3 * kcur + 4)
+        if args.trace and float(torch.rand((), generator=gk)) < args.trace:
+            lo = 1   # (a short run: the answer must be pi^min(K, k)(s), one step per pass)
         K = int(torch.randint(lo, hi + 1, (1,), generator=gk))
         toks = task.sequences(args.batch, args.queries, kmax=kcur, uniform=args.uniform, g=g)
         logits, dh = run(model, toks, K, args.unroll)
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, task.vocab_size), toks[:, 1:].reshape(-1))
+        target = toks[:, 1:].clone()
+        at_eq = toks[:, :-1] == task.EQ
+        if args.trace:   # the `=` state after K passes holds pi applied min(K, k) times, no more
+            s_eq, k_eq = toks[:, :-3][at_eq[:, 2:]], toks[:, 1:-2][at_eq[:, 2:]] - task.M + 1
+            target[at_eq] = task._powers[k_eq.clamp(max=K), s_eq]
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, task.vocab_size), target.reshape(-1))
         loss = ce + args.step_penalty * dh.pow(2).mean()
         for p in opt.param_groups:
             p["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
@@ -94,7 +101,7 @@ def train(args) -> None:
             eq = toks[:, :-1] == task.EQ
             right = (logits[:, :-1].argmax(-1) == toks[:, 1:])[eq]
             ks = toks[:, :-2][eq[:, 1:]] - task.M + 1
-            top = ks >= max(1, kcur - 1)
+            top = (ks >= max(1, kcur - 1)) & (ks <= K)   # (answers whose depth the run reached)
             if top.any():
                 ema = 0.9 * ema + 0.1 * right[top].float().mean().item()
         if ema >= 0.95 and kcur < task.KMAX:
@@ -197,6 +204,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--step-penalty", type=float, default=2.0)
+    ap.add_argument("--trace", type=float, default=0.5,
+                    help="fraction of steps run with K ~ U[1, ...] and the answer target pi^min(K,k)(s)")
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -11,9 +11,11 @@ Depth-wise continuous batching: `slots` sequences are in flight, each at its own
 pass. The core runs at a fixed shape `[slots, 1, d]` through `stream`'s slot loop (no host
 sync within a window of `check_every` passes; a look then finds each slot's exact stopping
 pass). At a look, every slot whose token halted appends its keys and values, picks its next
-token and starts that token's solve at the next pass; a finished sequence's slot takes the
-next prompt, whose prefill (a joint solve of that prompt) is its only stall. A slot's tokens
-and iterations never depend on its batch mates.
+token and starts that token's solve at the next pass; a finished sequence's slot takes the next
+prompt. Prompts are prefilled `slots` at a time, as one joint solve (per-sample halting, so a
+prompt's passes do not depend on the others'): one such solve costs about as much as a single
+prompt's where the cost is per call (small tensors on a CPU, most work on a GPU), and it is the
+only stall. A slot's tokens and iterations never depend on its batch mates.
 """
 from __future__ import annotations
 
@@ -161,6 +163,7 @@ class _Decoder:
         self.cache: List[Tuple[Tensor, Tensor]] = []
         self.cap = 0
         self.view: Optional[KVCache] = None
+        self.staged: Optional[_Staged] = None
         # the prefill's rule: fixed depth stays fixed depth; any other criterion needs one row's
         # read-out, so a whole prompt is judged by the residual rule
         self.prefill_opts = opts.replace(check_every=None, criterion=opts.criterion
@@ -224,7 +227,8 @@ class _Decoder:
         recorded; returns the rows whose sequence goes on (slots, e, positions, start states)."""
         ok = codes != int(Status.DIVERGED)
         for s in slots[~ok]:
-            self.finish(s, "diverged", done)
+            self.close(self.gens[s], "diverged", done)
+            self.gens[s] = None
         if not ok.any():
             return None
         slots, its, codes = slots[ok], its[ok], codes[ok]
@@ -234,34 +238,36 @@ class _Decoder:
         at = index_tensor(slots, dev)
         self.store(at, h, e_buf.index_select(0, at), self.pos[slots])
         self.pos[slots] += 1
-        return self.next_tokens(slots, h, its, codes, done)
+        go, rows = self.read_out([self.gens[s] for s in slots], self.pos[slots], h, its, codes, done)
+        for s in slots[~go]:
+            self.gens[s] = None
+        return None if rows is None else (slots[go],) + rows
 
-    def next_tokens(self, slots: np.ndarray, h: Tensor, its: Any, codes: Any,
-                    done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
-        """Pick each slot's next token from its last state `h` `[n, 1, d]`, record it, and
-        return the rows whose sequence goes on (slots, e, positions, start states)."""
-        tok = self.pick(self.model.coda(h)[:, 0], slots)
-        tokens = tok.tolist()
-        go = np.zeros(len(slots), dtype=bool)
-        for j, (s, t) in enumerate(zip(slots, tokens)):
-            g = self.gens[s]
+    def read_out(self, gens: List[Generation], pos: np.ndarray, h: Tensor, its: Any, codes: Any,
+                 done: List[Generation]) -> Tuple[np.ndarray, Optional[Tuple[Tensor, Tensor, Tensor]]]:
+        """Each sequence's next token, picked from its last state `h` `[n, 1, d]` and recorded
+        (`pos`: its position); returns which sequences go on and their next solve's rows
+        (e, positions, start states)."""
+        tok = self.pick(self.model.coda(h)[:, 0], gens, pos)
+        go = np.zeros(len(gens), dtype=bool)
+        for j, (g, t) in enumerate(zip(gens, tok.tolist())):
             g.tokens.append(t)
             g.iterations.append(int(its[j]))
             g.status.append(Status(int(codes[j])))
             why = "stop" if t == self.stop else "length" if len(g.tokens) >= self.max_new else \
-                "context" if self.pos[s] >= self.model.max_len else None
+                "context" if pos[j] >= self.model.max_len else None
             if why is None:
                 go[j] = True
             else:
-                self.finish(s, why, done)
+                self.close(g, why, done)
         if not go.any():
-            return None
+            return go, None
         if not go.all():
             keep = index_tensor(np.flatnonzero(go), h.device)
-            slots, tok, h = slots[go], tok.index_select(0, keep), h.index_select(0, keep)
-        pos = index_tensor(self.pos[slots], h.device)
-        e = self.model.prelude(tok[:, None], pos[:, None])
-        return slots, e, pos, h if self.warm else torch.zeros_like(e)
+            tok, h = tok.index_select(0, keep), h.index_select(0, keep)
+        p = index_tensor(pos[go], h.device)
+        e = self.model.prelude(tok[:, None], p[:, None])
+        return go, (e, p, h if self.warm else torch.zeros_like(e))
 
     def store(self, at: Tensor, h: Tensor, e: Tensor, pos: np.ndarray) -> None:
         """The converged keys and values of one new position per slot `at` into the cache."""
@@ -272,27 +278,41 @@ class _Decoder:
             cv[at, :, lengths] = v[:, :, 0]
 
     def admit(self, free: np.ndarray, done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
-        """The next prompts into the free slots: their joint prefill, its keys and values
-        cached, their first tokens picked; returns the rows whose sequence goes on. Prompts
-        whose sequence ends at once leave their slot to the next prompt."""
+        """Prefilled prompts into the free slots (their keys and values into the slots' cache);
+        returns the rows of their first solves. When none is waiting, the next `slots` prompts
+        are prefilled together (on a CPU or GPU one joint solve of many prompts costs about one
+        of a single prompt)."""
         out: List[Tuple[np.ndarray, Tensor, Tensor, Tensor]] = []
-        while free.size and self.next_prompt < len(self.items):
-            take = free[:len(self.items) - self.next_prompt]
-            first = self.next_prompt
-            self.next_prompt += take.size
-            rows = self.prefill(take, self.items[first:first + take.size], first, done)
-            if rows is not None:
-                out.append(rows)
-                free = np.setdiff1d(free, rows[0])
+        while free.size:
+            if self.staged is None or self.staged.left == 0:
+                if self.next_prompt >= len(self.items):
+                    break
+                self.stage(done)
+                continue
+            st = self.staged
+            n = min(free.size, st.left)
+            slots, rows = free[:n], np.arange(st.taken, st.taken + n)
+            st.taken += n
+            free = free[n:]
+            at, sel = index_tensor(slots, st.e.device), index_tensor(rows, st.e.device)
+            for (ck, cv), (k, v) in zip(self.cache, st.kv):
+                L = k.shape[2]
+                ck[at, :, :L], cv[at, :, :L] = k.index_select(0, sel), v.index_select(0, sel)
+            for s, r in zip(slots, rows):
+                self.gens[s] = st.gens[r]
+            self.pos[slots] = st.pos[rows]
+            out.append((slots, st.e.index_select(0, sel), st.p.index_select(0, sel), st.z.index_select(0, sel)))
         if not out:
             return None
         return (np.concatenate([r[0] for r in out]),) + tuple(torch.cat([r[i] for r in out]) for i in (1, 2, 3))
 
-    def prefill(self, slots: np.ndarray, prompts: List[Tensor], first: int,
-                done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
-        """The prompts' joint solve (padded positions held fixed) into these slots."""
-        m, n = self.model, len(prompts)
-        dev = prompts[0].device
+    def stage(self, done: List[Generation]) -> None:
+        """The next `slots` prompts' joint solve (padded positions held fixed), their first
+        tokens picked: those whose sequence goes on wait in `self.staged` for a slot."""
+        m, first = self.model, self.next_prompt
+        prompts = self.items[first:first + self.S]
+        self.next_prompt += len(prompts)
+        n, dev = len(prompts), prompts[0].device
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
         L = int(lengths.max())
         tokens = torch.zeros(n, L, dtype=torch.int64, device=dev)
@@ -307,38 +327,55 @@ class _Decoder:
         kv = m.keys_values(sol.z, e)
         if not self.cache:
             self.cache = [tuple(k.new_zeros(self.S, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
-        at = index_tensor(slots, dev)
-        for (ck, cv), (k, v) in zip(self.cache, kv):
-            ck[at, :, :L], cv[at, :, :L] = k, v
-        for j, s in enumerate(slots):
-            self.gens[s] = Generation(first + j, [], [], [], int(its[j]), "length")
-        self.pos[slots] = lengths.cpu().numpy()
-        last = (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2])
-        h_last = sol.z.gather(1, last)
+        gens = [Generation(first + j, [], [], [], int(its[j]), "length") for j in range(n)]
         ok = codes != int(Status.DIVERGED)
-        for s in slots[~ok]:
-            self.finish(s, "diverged", done)
-        if not ok.any():
-            return None
-        return self.next_tokens(slots[ok], h_last[index_tensor(np.flatnonzero(ok), dev)], its[ok], codes[ok], done)
+        for j in np.flatnonzero(~ok):
+            self.close(gens[j], "diverged", done)
+        rows = np.flatnonzero(ok)
+        if not rows.size:
+            return
+        pos = lengths.cpu().numpy()[rows]
+        sel = index_tensor(rows, dev)
+        h_last = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2])).index_select(0, sel)
+        go, first_solves = self.read_out([gens[j] for j in rows], pos, h_last, its[rows], codes[rows], done)
+        if first_solves is None:
+            return
+        keep = index_tensor(rows[go], dev)
+        self.staged = _Staged([gens[j] for j in rows[go]], [(k.index_select(0, keep), v.index_select(0, keep))
+                                                            for k, v in kv], pos[go], *first_solves)
 
-    def finish(self, s: int, why: str, done: List[Generation]) -> None:
-        g = self.gens[s]
+    @staticmethod
+    def close(g: Generation, why: str, done: List[Generation]) -> None:
+        """A finished sequence: its reason recorded, its result handed out."""
         g.finish = why
         done.append(g)
-        self.gens[s] = None
 
-    def pick(self, logits: Tensor, slots: np.ndarray) -> Tensor:
+    def pick(self, logits: Tensor, gens: List[Generation], pos: np.ndarray) -> Tensor:
         """Greedy, or sampled with a generator per (seed, prompt, position): int64 `[n]`."""
         if self.temperature == 0.0:
             return logits.argmax(-1)
         p = torch.softmax(logits.double() / self.temperature, -1)
         out = []
-        for j, s in enumerate(slots):
-            key = np.random.SeedSequence([self.seed, self.gens[s].index, int(self.pos[s])]).generate_state(1)[0]
+        for j, g in enumerate(gens):
+            key = np.random.SeedSequence([self.seed, g.index, int(pos[j])]).generate_state(1)[0]
             gen = torch.Generator(device=p.device).manual_seed(int(key))
             out.append(torch.multinomial(p[j], 1, generator=gen))
         return torch.cat(out)
+
+
+class _Staged:
+    """Prompts prefilled together, waiting for slots (the first `taken` have one): per prompt
+    its result so far, its cached keys and values (rows of `kv`, per core layer), its length,
+    and its first solve's rows (embedding `e`, position `p`, start state `z`)."""
+
+    def __init__(self, gens: List[Generation], kv: List[Tuple[Tensor, Tensor]], pos: np.ndarray, e: Tensor,
+                 p: Tensor, z: Tensor) -> None:
+        self.gens, self.kv, self.pos, self.e, self.p, self.z = gens, kv, pos, e, p, z
+        self.taken = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.gens) - self.taken
 
 
 class _RowsOf:

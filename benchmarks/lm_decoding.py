@@ -13,7 +13,7 @@ The ideal is the fixed-depth time × mean passes per token ÷ K (halting whose b
 free). Least wall time of alternating rounds, 1 thread. Writes the `looped_lm` key of
 docs/benchmarks.json (and returns the markdown for docs/benchmarks.md).
 
-    python benchmarks/looped_lm.py [--repeats 5] [--prompts 256] [--quick] [--write]
+    python benchmarks/lm_decoding.py [--repeats 5] [--prompts 256] [--quick] [--write]
 """
 from __future__ import annotations
 
