@@ -51,7 +51,7 @@ class KVCache:
 
     layers: List[Tuple[Tensor, Tensor]]
     lengths: Tensor
-    _masks: Dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)   # (made once per `new`)
+    _masks: Dict[int, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)   # (made once per `new`)
 
     def mask(self, new: int) -> Tensor:
         """Which cached positions each row may attend to, for `new` new positions.
