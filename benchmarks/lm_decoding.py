@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import fpsolve  # noqa: E402
+from fpsolve._generate import pick_tokens  # noqa: E402
 from fpsolve._looped_lm import KVCache  # noqa: E402
 
 GOALS = {"stream / fixed": 1.8, "stream / sync": 1.3, "stream / ideal": 0.75, "accuracy drop (points)": 0.5}
@@ -44,10 +45,12 @@ class Setup:
     """The model, its prompts, the decoding options, and the task's judge of generated tokens."""
 
     def __init__(self, model: Any, prompts: List[List[int]], max_new: int, rtol: float, norm: str, max_iter: int,
-                 judge: Callable[[List[List[int]], List[List[int]]], float], description: str) -> None:
+                 judge: Callable[[List[List[int]], List[List[int]]], float], description: str,
+                 temperature: float = 0.0, seed: int = 0, warm_start: bool = True) -> None:
         self.model, self.prompts, self.max_new, self.rtol, self.norm, self.max_iter = \
             model, prompts, max_new, rtol, norm, max_iter
         self.judge, self.description = judge, description
+        self.temperature, self.seed, self.warm_start = temperature, seed, warm_start
 
     def options(self) -> Dict[str, Any]:
         return dict(rtol=self.rtol, norm=self.norm, max_iter=self.max_iter)
@@ -55,7 +58,13 @@ class Setup:
 
 # ---- the two baselines: groups of `slots` prompts, one token per step for the whole group ----
 
-def _prefill(s: Setup, prompts: List[List[int]]) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor, Tensor]:
+def _pick(s: Setup, logits: Tensor, first: int, pos: Tensor) -> Tensor:
+    """The next tokens as `generate` picks them (greedy, or seeded per prompt and position)."""
+    return pick_tokens(logits, s.temperature, s.seed, list(range(first, first + logits.shape[0])), pos.tolist())
+
+
+def _prefill(s: Setup, prompts: List[List[int]], first: int) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor,
+                                                                    Tensor]:
     """The group's joint prefill (as `generate` does it): cache, positions, last states, tokens."""
     m = s.model
     n, L = len(prompts), max(len(p) for p in prompts)
@@ -73,26 +82,26 @@ def _prefill(s: Setup, prompts: List[List[int]]) -> Tuple[List[Tuple[Tensor, Ten
     for (ck, cv), (k, v) in zip(cache, kv):
         ck[:, :, :L], cv[:, :, :L] = k, v
     h = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2]))
-    return cache, lengths, h, m.coda(h)[:, 0].argmax(-1)
+    return cache, lengths, h, _pick(s, m.coda(h)[:, 0], first, lengths)
 
 
-def _decode_group(s: Setup, prompts: List[List[int]], passes: Callable[..., Tuple[Tensor, Tensor]]
+def _decode_group(s: Setup, prompts: List[List[int]], first: int, passes: Callable[..., Tuple[Tensor, Tensor]]
                   ) -> Tuple[List[List[int]], List[List[int]]]:
-    """Greedy decoding of one group, one token per step; `passes(h, e, cache)` solves a token's
-    state for the whole group and returns (state, passes per row)."""
+    """Decoding of one group (prompts `first`, ...), one token per step; `passes(h, e, cache)`
+    solves a token's state for the whole group and returns (state, passes per row)."""
     m = s.model
-    cache, pos, h, tok = _prefill(s, prompts)
+    cache, pos, h, tok = _prefill(s, prompts, first)
     out, its = [[t] for t in tok.tolist()], [[] for _ in prompts]
     rows = torch.arange(len(prompts))
     for _ in range(s.max_new - 1):
         e = m.prelude(tok[:, None], pos[:, None])
         cap = int(pos.max()) + 1
         view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in cache], pos)
-        h, n = passes(h, e, view)
+        h, n = passes(h if s.warm_start else torch.zeros_like(h), e, view)
         for (ck, cv), (k, v) in zip(cache, m.keys_values(h, e, view)):
             ck[rows, :, pos], cv[rows, :, pos] = k[:, :, 0], v[:, :, 0]
         pos = pos + 1
-        tok = m.coda(h)[:, 0].argmax(-1)
+        tok = _pick(s, m.coda(h)[:, 0], first, pos)
         for i, (t, k) in enumerate(zip(tok.tolist(), n.tolist())):
             out[i].append(t)
             its[i].append(k)
@@ -132,15 +141,16 @@ def run_groups(s: Setup, slots: int, passes: Callable[..., Tuple[Tensor, Tensor]
     tokens, its = [], []
     with torch.no_grad():
         for i in range(0, len(s.prompts), slots):
-            t, k = _decode_group(s, s.prompts[i:i + slots], passes)
+            t, k = _decode_group(s, s.prompts[i:i + slots], i, passes)
             tokens += t
             its += k
     return tokens, its
 
 
 def run_generate(s: Setup, slots: int, check_every: Optional[int] = None) -> Tuple[List[List[int]], List[List[int]]]:
-    out = sorted(fpsolve.generate(s.model, s.prompts, max_new_tokens=s.max_new, slots=slots,
-                                  check_every=check_every, warm_start=True, **s.options()), key=lambda g: g.index)
+    out = sorted(fpsolve.generate(s.model, s.prompts, max_new_tokens=s.max_new, slots=slots, check_every=check_every,
+                                  warm_start=s.warm_start, temperature=s.temperature, seed=s.seed, **s.options()),
+                 key=lambda g: g.index)
     return [g.tokens for g in out], [g.iterations[1:] for g in out]
 
 
@@ -197,7 +207,7 @@ def measure(s: Setup, slots: int, repeats: int, check_every: Optional[int] = Non
         "accuracy": {"fixed": acc_fixed, "sync": s.judge(s.prompts, tok_sync), "stream": acc_stream},
         "mean_passes_per_token": float(passes.mean()), "max_passes_per_token": K_max,
         "bound_K_over_mean_passes": K / float(passes.mean()),
-        "sync_equals_stream": tok_sync == tok_stream and its_sync == its_stream,
+        "sync_equal_sequences": sum(a == b for a, b in zip(tok_sync, tok_stream)) / len(tok_stream),
         "wall_s": best,
     }
     out["ratios"] = {"stream / fixed": tps["stream"] / tps["fixed"], "stream / sync": tps["stream"] / tps["sync"],
@@ -226,7 +236,8 @@ def markdown(r: Dict[str, Any]) -> List[str]:
         lines.append(f"| {name} {'≤' if 'drop' in name else '≥'} {goal} | {v:.2f} | {'met' if met else '**not met**'} |")
     lines += ["", f"The bound K ÷ mean passes per token is {r['bound_K_over_mean_passes']:.2f}: no halting "
               f"decoder can beat fixed depth by more on this task. Per-token tokens and iterations of the sync "
-              f"decoder equal `generate`'s: {r['sync_equals_stream']}."]
+              f"decoder equal `generate`'s in {100 * r['sync_equal_sequences']:.0f}% of the sequences (float32 rounding in a batch of
+another shape can move a sampled token or a stopping pass; each decoder's accuracy is its own)."]
     return lines
 
 
@@ -256,22 +267,24 @@ def write(r: Dict[str, Any], lines: List[str]) -> None:
 
 def build(quick: bool, n_prompts: int, path: Optional[str] = None) -> Setup:
     """The shipped checkpoint and its task (benchmarks/train_looped_lm.py, examples/lm_task.py):
-    prompts of two complete queries and a final `s k` with k drawn from the language's own
-    P(k) ~ 1/k; 8 new tokens each (`=`, the answer, `;`, and a query of the model's own)."""
+    prompts as a server meets them (1 to 3 complete queries, then a query cut at any of its
+    tokens), 16 new tokens each, sampled at temperature 1 (seeded per prompt and position, so
+    every decoder writes the same queries as long as it answers the same), judged against the
+    `s k` before each `=` whoever wrote them."""
     import train_looped_lm   # noqa: E402
     from lm_task import DESCRIPTION, Task, judge   # noqa: E402
     model, meta = train_looped_lm.load(path or train_looped_lm.CHECKPOINT)
     task = Task(**meta["task"])
-    n = 64 if quick else n_prompts
-    ks = task.sample_k(n, torch.Generator().manual_seed(4321)).tolist()
-    prompts, _ = task.prompts(n, seed=1234, ks=ks)
+    prompts = task.mixed_prompts(64 if quick else n_prompts, seed=1234)
 
     def accuracy(prompts: List[List[int]], tokens: List[List[int]]) -> float:
         marks = [ok for p, t in zip(prompts, tokens) for _, _, ok in judge(task, p, t)]
         return sum(marks) / max(1, len(marks))
     rule = meta["rule"]
-    return Setup(model, prompts, 8, rule["rtol"], rule["norm"], rule["max_iter"], accuracy,
-                 DESCRIPTION + " Answers judged against the `s k` before each `=` (the model's own too).")
+    return Setup(model, prompts, 16, rule["rtol"], rule["norm"], rule["max_iter"], accuracy,
+                 DESCRIPTION + " Sampled at temperature 1 (seeded per prompt and position); answers judged "
+                 "against the `s k` before each `=`, the model's own included.",
+                 temperature=1.0, seed=7, warm_start=rule.get("warm_start", True))
 
 
 def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:

@@ -112,6 +112,16 @@ class Task:
             out.append(p + [self.count(k)])
         return out, ks
 
+    def mixed_prompts(self, n: int, seed: int = 1) -> List[List[int]]:
+        """Prompts as a server meets them: BOS, 1 to 3 complete queries, then the next query cut
+        after 0 to 4 of its 5 tokens, so decoding reaches its hard `=` tokens at different
+        steps; counts from the language's P(k) ~ 1/k."""
+        g = torch.Generator().manual_seed(seed)
+        seqs = self.sequences(n, 4, g=g)
+        q = torch.randint(1, 4, (n,), generator=g).tolist()
+        cut = torch.randint(0, 5, (n,), generator=g).tolist()
+        return [row[:1 + 5 * qi + ci] for row, qi, ci in zip(seqs.tolist(), q, cut)]
+
     def decode(self, tokens: Sequence[int]) -> str:
         """Readable text: symbols as `x12`, counts as their number."""
         words = []

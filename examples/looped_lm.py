@@ -63,7 +63,7 @@ def plot(task: Task, prompts: List[List[int]], out: List[fpsolve.Generation], pa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(4, 1, figsize=(8, 6), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 7))
     for ax, p, g in zip(axes, prompts, out):
         marks = {j: k for j, k, _ in judge(task, p, g.tokens)}
         colors = ["tab:red" if j in marks else "tab:blue" for j in range(len(g.tokens))]
@@ -94,15 +94,17 @@ def main() -> None:
           f"trained {meta['train']['seconds']:.0f} s; rule rtol {rule['rtol']:g} ({rule['norm']}), "
           f"max_iter {rule['max_iter']}")
     n = 64 if args.quick else args.prompts
-    ks = task.sample_k(n, torch.Generator().manual_seed(4321)).tolist()   # the language's P(k) ~ 1/k
-    prompts, _ = task.prompts(n, seed=1234, ks=ks)
-    opts: Dict[str, Any] = dict(max_new_tokens=8, slots=args.slots, **rule)
+    prompts = task.mixed_prompts(n, seed=1234)   # 1-3 queries, then one cut anywhere
+    # sampled at temperature 1, so the model writes queries of every difficulty (seeded per
+    # prompt and position: the same tokens whatever else is decoded beside them)
+    opts: Dict[str, Any] = dict(max_new_tokens=16, slots=args.slots, temperature=1.0, seed=7, **rule)
     out, wall = decode(model, prompts, **opts)
+    a = answers(task, prompts, out)
     print(f"\n{n} prompts, {sum(len(g.tokens) for g in out)} tokens in {wall:.2f} s; three of them:")
-    hard = sorted(range(n), key=lambda i: -ks[i])
+    hardest = [max([k for _, k, _ in judge(task, p, g.tokens)] or [0]) for p, g in zip(prompts, out)]
+    hard = sorted(range(n), key=lambda i: -hardest[i])
     for i in (hard[0], hard[n // 3], hard[-1]):
         show(task, prompts[i], out[i])
-    a = answers(task, prompts, out)
     print(f"\nanswers right: {np.mean([ok for _, ok, _ in a]):.3f} of {len(a)}; mean passes per token "
           f"{passes_per_token(out):.2f}; answers by k (right, mean passes):")
     for lo, hi in BUCKETS:
@@ -115,7 +117,7 @@ def main() -> None:
     print(f"warm start (default): {passes_per_token(out):.2f} passes per token, right {np.mean([o for _, o, _ in a]):.3f}; "
           f"cold start: {passes_per_token(cold):.2f}, right {np.mean([o for _, o, _ in a_cold]):.3f}")
     target = np.mean([ok for _, ok, _ in a])
-    for K in ((8, 16, 24, 32, 40) if args.quick else (4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 48)):
+    for K in ((8, 16, 24, 32, 36, 40, 48) if args.quick else (4, 8, 12, 16, 20, 24, 28, 32, 34, 36, 38, 40, 44, 48)):
         fixed, t_fixed = decode(model, prompts, criterion=fpsolve.Depth(K), **{**opts, "max_iter": K})
         acc = np.mean([ok for _, ok, _ in answers(task, prompts, fixed)])
         print(f"fixed depth {K:2d}: answers right {acc:.3f}")

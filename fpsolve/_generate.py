@@ -352,15 +352,21 @@ class _Decoder:
 
     def pick(self, logits: Tensor, gens: List[Generation], pos: np.ndarray) -> Tensor:
         """Greedy, or sampled with a generator per (seed, prompt, position): int64 `[n]`."""
-        if self.temperature == 0.0:
-            return logits.argmax(-1)
-        p = torch.softmax(logits.double() / self.temperature, -1)
-        out = []
-        for j, g in enumerate(gens):
-            key = np.random.SeedSequence([self.seed, g.index, int(pos[j])]).generate_state(1)[0]
-            gen = torch.Generator(device=p.device).manual_seed(int(key))
-            out.append(torch.multinomial(p[j], 1, generator=gen))
-        return torch.cat(out)
+        return pick_tokens(logits, self.temperature, self.seed, [g.index for g in gens], pos)
+
+
+def pick_tokens(logits: Tensor, temperature: float, seed: int, prompts: List[int], positions: Any) -> Tensor:
+    """The next tokens from logits `[n, vocab]`: argmax at temperature 0, else sampled from
+    softmax(logits / temperature) with a generator seeded by (seed, prompt index, position), so
+    a token never depends on what else is decoded beside it. Returns int64 `[n]`."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    p = torch.softmax(logits.double() / temperature, -1)
+    out = []
+    for j, (i, t) in enumerate(zip(prompts, positions)):
+        key = np.random.SeedSequence([seed, int(i), int(t)]).generate_state(1)[0]
+        out.append(torch.multinomial(p[j], 1, generator=torch.Generator(device=p.device).manual_seed(int(key))))
+    return torch.cat(out)
 
 
 class _Staged:
