@@ -236,8 +236,9 @@ def markdown(r: Dict[str, Any]) -> List[str]:
         lines.append(f"| {name} {'≤' if 'drop' in name else '≥'} {goal} | {v:.2f} | {'met' if met else '**not met**'} |")
     lines += ["", f"The bound K ÷ mean passes per token is {r['bound_K_over_mean_passes']:.2f}: no halting "
               f"decoder can beat fixed depth by more on this task. Per-token tokens and iterations of the sync "
-              f"decoder equal `generate`'s in {100 * r['sync_equal_sequences']:.0f}% of the sequences (float32 rounding in a batch of
-another shape can move a sampled token or a stopping pass; each decoder's accuracy is its own)."]
+              f"decoder equal `generate`'s in {100 * r['sync_equal_sequences']:.0f}% of the sequences (float32 rounding "
+              f"in a batch of another shape can move a sampled token or a stopping pass; each decoder's accuracy "
+              f"is its own)."]
     return lines
 
 
