@@ -36,8 +36,9 @@ from ._solve import solve_with
 from ._stream import _SlotLoop
 from ._tree import StateLayout
 
-#: Cached positions the core attends to grow in blocks of this many (few distinct shapes).
-CACHE_BLOCK = 32
+#: The cached positions the core attends to: the live slots' longest, rounded up to a multiple
+#: of this (a few distinct shapes; each costs attention over padding on a CPU).
+CACHE_BLOCK = 8
 #: Passes between looks when `check_every` is not given.
 DEFAULT_CHECK_EVERY = 2
 
@@ -215,11 +216,14 @@ class _Decoder:
     def grow(self, pos: Tensor) -> None:
         """The window's view of the cache: the cached positions the core attends to cover every
         slot's (they grow in blocks), and the slots' lengths `pos` (fixed until the next look)."""
-        need = int(self.pos.max()) + 1
-        if need > self.cap:
-            self.cap = min(self.model.max_len, -(-need // CACHE_BLOCK) * CACHE_BLOCK)
-        cap = self.cap
-        self.view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos)
+        live = [s for s, g in enumerate(self.gens) if g is not None]
+        need = int(self.pos[live].max()) + 1 if live else 1
+        cap = min(self.model.max_len, -(-need // CACHE_BLOCK) * CACHE_BLOCK)
+        if cap != self.cap or self.view is None or self.view.lengths is not pos:
+            self.cap = cap
+            self.view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos)
+        else:
+            self.view._masks.clear()   # (the lengths changed at the look)
 
     def advance(self, slots: np.ndarray, h: Tensor, its: np.ndarray, codes: np.ndarray, e_buf: Tensor,
                 done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
@@ -357,16 +361,36 @@ class _Decoder:
 
 def pick_tokens(logits: Tensor, temperature: float, seed: int, prompts: List[int], positions: Any) -> Tensor:
     """The next tokens from logits `[n, vocab]`: argmax at temperature 0, else sampled from
-    softmax(logits / temperature) with a generator seeded by (seed, prompt index, position), so
-    a token never depends on what else is decoded beside it. Returns int64 `[n]`."""
+    softmax(logits / temperature) by a uniform number that is a hash of (seed, prompt index,
+    position), so a token never depends on what else is decoded beside it (and all rows are
+    drawn in a few tensor ops). Returns int64 `[n]`."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    p = torch.softmax(logits.double() / temperature, -1)
-    out = []
-    for j, (i, t) in enumerate(zip(prompts, positions)):
-        key = np.random.SeedSequence([seed, int(i), int(t)]).generate_state(1)[0]
-        out.append(torch.multinomial(p[j], 1, generator=torch.Generator(device=p.device).manual_seed(int(key))))
-    return torch.cat(out)
+    dev = logits.device
+    key = _mix(_mix(_mix(torch.full((logits.shape[0],), seed, dtype=torch.int64, device=dev))
+                    ^ torch.as_tensor(prompts, dtype=torch.int64, device=dev))
+               ^ torch.as_tensor(positions, dtype=torch.int64, device=dev))
+    u = _shr(key, 11).double() * 2.0 ** -53          # uniform in [0, 1): the top 53 bits
+    cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """SplitMix64's finaliser on int64 (wrapping multiplication): a counter-based hash."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """A logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+# SplitMix64's constants as signed 64-bit integers
+_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) if c >= 1 << 63 else c
+                         for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 class _Staged:
