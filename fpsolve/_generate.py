@@ -40,7 +40,7 @@ from ._tree import StateLayout
 #: of this (a few distinct shapes; each costs attention over padding on a CPU).
 CACHE_BLOCK = 8
 #: Passes between looks when `check_every` is not given.
-DEFAULT_CHECK_EVERY = 2
+DEFAULT_CHECK_EVERY = 4
 
 
 @dataclass
@@ -107,7 +107,7 @@ def generate(model: Any, prompts: Iterable[Any], *, max_new_tokens: int, slots: 
         temperature: 0 for greedy decoding, else the sampling temperature.
         seed: The sampling seed (with temperature > 0).
         check_every: Passes between looks (a look finds each token's exact stopping pass; a
-            halted slot idles until it); None: 2. Tokens and iterations do not depend on it.
+            halted slot idles until it); None: 4. Tokens and iterations do not depend on it.
         compile: Compile the per-pass bookkeeping, as in `stream` (compiling the core is yours).
 
     Yields:
