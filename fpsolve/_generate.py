@@ -366,31 +366,22 @@ def pick_tokens(logits: Tensor, temperature: float, seed: int, prompts: List[int
     drawn in a few tensor ops). Returns int64 `[n]`."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    dev = logits.device
-    key = _mix(_mix(_mix(torch.full((logits.shape[0],), seed, dtype=torch.int64, device=dev))
-                    ^ torch.as_tensor(prompts, dtype=torch.int64, device=dev))
-               ^ torch.as_tensor(positions, dtype=torch.int64, device=dev))
-    u = _shr(key, 11).double() * 2.0 ** -53          # uniform in [0, 1): the top 53 bits
+    key = _mix(_mix(_mix(np.full(logits.shape[0], seed, dtype=np.uint64)) ^ np.asarray(prompts, dtype=np.uint64))
+               ^ np.asarray(positions, dtype=np.uint64))
+    u = torch.from_numpy((key >> np.uint64(11)).astype(np.float64) * 2.0 ** -53).to(logits.device)  # [0, 1)
     cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
-def _mix(x: Tensor) -> Tensor:
-    """SplitMix64's finaliser on int64 (wrapping multiplication): a counter-based hash."""
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 (on the host: the keys are host data): a counter-based hash."""
     x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
 
 
-def _shr(x: Tensor, s: int) -> Tensor:
-    """A logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-# SplitMix64's constants as signed 64-bit integers
-_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) if c >= 1 << 63 else c
-                         for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 class _Staged:
