@@ -201,9 +201,9 @@ class Unroll:
                         setattr(sol, name, torch.where(keep, getattr(again, name), getattr(sol, name)))
                     sol.iterations = again.iterations   # (one count for the batch: the re-run's)
                     sol.evaluations += again.evaluations
-                    if sol.trace is not None:
-                        T = min(sol.trace.shape[0], again.trace.shape[0])
-                        sol.trace = torch.where(keep[None], again.trace[:T], sol.trace[:T])
+                    if sol.trace is not None:   # (a trace row per pass of the batch's count)
+                        T = int(sol.iterations.max())
+                        sol.trace = torch.where(keep[None], _rows_of(again.trace, T), _rows_of(sol.trace, T))
                 elif rows is not None:
                     sol.z = sol.z.detach()
             return sol
@@ -212,6 +212,14 @@ class Unroll:
         sol.z = phantom_gradient(run.fn, sol.z, sol.status, run.x, self.steps, 1.0, run.per_sample,
                                  segment=self.checkpoint)
         return sol
+
+
+def _rows_of(trace: Tensor, T: int) -> Tensor:
+    """A trace cut or padded (nan: no pass) to T passes."""
+    out = trace.new_full((T,) + tuple(trace.shape[1:]), float("nan"))
+    n = min(T, trace.shape[0])
+    out[:n] = trace[:n]
+    return out
 
 
 Backward = Union[Implicit, "Phantom", "Unroll"]

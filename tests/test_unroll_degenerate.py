@@ -142,3 +142,19 @@ def test_recorded_reciprocal_keeps_the_values_and_never_sends_nan_back(dtype):
     (grad,) = torch.autograd.grad(got, d, torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0], dtype=dtype))
     assert torch.isfinite(grad).all(), grad
     assert grad.tolist() == [-0.25, 0.0, 0.0, 0.0, -0.0]
+
+
+def test_batch_unroll_after_a_death_keeps_one_trace_row_per_pass():
+    """Found by the property test (seed 41): under halting="batch", Unroll() records the batch
+    again once a row died (an f mixing rows by their mean: one row's growth reaches all); the
+    trace must still hold one row per pass of the batch's count."""
+    A = torch.tensor([0.9844, -0.9844, -2.0, 0.9844, -0.9844], dtype=torch.float64)[:, None]
+    b = torch.tensor([-0.0013986, 0.00040335, 0.00083803, -0.00071926, -0.00040334], dtype=torch.float64)[:, None]
+    z0 = torch.tensor([-0.59664, 0.18204, -0.85667, 1.10060, -1.07119], dtype=torch.float64)[:, None]
+    c = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    f = lambda z, x: A * z + c * x + 0.25 * z.mean(dim=0, keepdim=True)   # noqa: E731
+    head = fpsolve.HaltHead(lambda z: 4.0 * z.sum(1).float(), threshold=0.3)
+    sol = fpsolve.solve(f, z0, b, solver="fixed_point", halting="batch", backward="unroll", record=True,
+                        criterion=head, rtol=1e-8, max_iter=27)
+    assert (sol.status == int(fpsolve.Status.DIVERGED)).any()
+    assert sol.trace.shape == (int(sol.iterations.max()), 5)
