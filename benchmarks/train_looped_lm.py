@@ -12,7 +12,6 @@ on the last pass's step ||f(h) - h||^2 so states settle. 1 torch thread, seeded.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -20,7 +20,7 @@ only stall. A slot's tokens and iterations never depend on its batch mates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
