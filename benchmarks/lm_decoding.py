@@ -14,6 +14,7 @@ free). Least wall time of alternating rounds, 1 thread. Writes the `looped_lm` k
 docs/benchmarks.json (and returns the markdown for docs/benchmarks.md).
 
     python benchmarks/lm_decoding.py [--repeats 5] [--prompts 256] [--quick] [--write]
+    python benchmarks/lm_decoding.py --exactness   # forward substitution on the shipped model
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import fpsolve  # noqa: E402
-from fpsolve._generate import pick_tokens  # noqa: E402
+from fpsolve._generate import joint_prefill, pick_tokens  # noqa: E402
 from fpsolve._looped_lm import KVCache  # noqa: E402
+from fpsolve._options import SOLVE_DEFAULTS, Options  # noqa: E402
 
 GOALS = {"stream / fixed": 1.8, "stream / sync": 1.3, "stream / ideal": 0.75, "accuracy drop (points)": 0.5}
 
@@ -65,23 +67,13 @@ def _pick(s: Setup, logits: Tensor, first: int, pos: Tensor) -> Tensor:
 
 def _prefill(s: Setup, prompts: List[List[int]], first: int) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor,
                                                                     Tensor]:
-    """The group's joint prefill (as `generate` does it): cache, positions, last states, tokens."""
+    """The group's joint prefill (`generate`'s): cache, positions, last states, tokens."""
     m = s.model
-    n, L = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(n, L, dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-    lengths = torch.tensor([len(p) for p in prompts])
-    positions = torch.arange(L).expand(n, L)
-    e = m.prelude(tokens, positions)
-    valid = (positions < lengths[:, None]).unsqueeze(-1)
-    sol = fpsolve.solve(lambda h, x: torch.where(x[1], m.core(h, x[0]), h), torch.zeros_like(e), (e, valid),
-                        solver="fixed_point", **s.options())
-    kv = m.keys_values(sol.z, e)
-    cache = [tuple(k.new_zeros(n, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
+    opts = Options.make("prefill", SOLVE_DEFAULTS, dict(solver="fixed_point", backward="none", **s.options()))
+    _, kv, lengths, h = joint_prefill(m, [torch.tensor(p) for p in prompts], opts)
+    cache = [tuple(k.new_zeros(len(prompts), k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
     for (ck, cv), (k, v) in zip(cache, kv):
-        ck[:, :, :L], cv[:, :, :L] = k, v
-    h = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2]))
+        ck[:, :, :k.shape[2]], cv[:, :, :k.shape[2]] = k, v
     return cache, lengths, h, _pick(s, m.coda(h)[:, 0], first, lengths)
 
 
@@ -331,6 +323,46 @@ def build(quick: bool, n_prompts: int, path: Optional[str] = None) -> Setup:
                  temperature=0.5, seed=7, warm_start=rule.get("warm_start", True))
 
 
+def exactness(n: int = 16) -> None:
+    """Forward substitution on the shipped model (docs/looped_lm.md): the keys `generate` caches
+    against those of the joint fixed point of each whole sequence (relative error), at the
+    benchmark's tolerance, at 1e-4 (float32) and at 1e-8 (float64); and in float64 whether 64
+    decoded sequences' greedy tokens are the joint solve's."""
+    import train_looped_lm   # noqa: E402
+    from lm_task import Task   # noqa: E402
+    from fpsolve._generate import _Decoder   # (the decoder itself: its cache is what is checked)
+    model, meta = train_looped_lm.load()
+    task = Task(**meta["task"])
+    prompts = task.mixed_prompts(n, seed=3)
+    for dt, rtol in ((torch.float32, meta["rule"]["rtol"]), (torch.float32, 1e-4), (torch.float64, 1e-8)):
+        m, errs = model.to(dt), []
+        for p in prompts:
+            opts = Options.make("exactness", SOLVE_DEFAULTS, {"rtol": rtol, "max_iter": 2000, "backward": "none",
+                                                              "check_every": 4})
+            dec = _Decoder(m, [torch.tensor(p)], opts, 1, 12, False, None, 0.0, 0, False)
+            (g,) = list(dec.run())
+            T = int(dec.pos[0])
+            seq = torch.tensor([p + g.tokens])[:, :T]
+            with torch.no_grad():
+                e = m.prelude(seq, torch.arange(T)[None])
+                joint = fpsolve.solve(lambda h, e: m.core(h, e), torch.zeros_like(e), e,
+                                      rtol=1e-11 if dt == torch.float64 else 1e-6, max_iter=5000)
+                k_joint = m.keys_values(joint.z, e)[0][0][0]
+            errs.append(float((dec.cache[0][0][0, :, :T] - k_joint).norm() / k_joint.norm()))
+        print(f"{dt}, rtol {rtol:g}: cached keys against the joint fixed point's, relative error "
+              f"mean {np.mean(errs):.2g}, max {max(errs):.2g} ({n} prompts)")
+    m = model.double()
+    many = task.mixed_prompts(64, seed=3)
+    out = sorted(fpsolve.generate(m, many, max_new_tokens=12, rtol=1e-9, max_iter=2000, warm_start=False),
+                 key=lambda g: g.index)
+    same = 0
+    for p, g in zip(many, out):
+        with torch.no_grad():
+            logits, _ = m(torch.tensor([p + g.tokens]), rtol=1e-11, max_iter=5000)
+        same += logits[0, len(p) - 1:-1].argmax(-1).tolist() == g.tokens
+    print(f"float64: greedy tokens equal to the joint solve's in {same} of {len(many)} sequences")
+
+
 def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
@@ -340,8 +372,12 @@ def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--write", action="store_true", help="write the looped_lm key of docs/benchmarks.json")
+    ap.add_argument("--exactness", action="store_true", help="only the forward-substitution check (no timing)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.exactness:
+        exactness()
+        return {}, []
     s = build(args.quick, args.prompts, args.checkpoint)
     r = measure(s, args.slots, 2 if args.quick else args.repeats, args.check_every)
     lines = markdown(r)

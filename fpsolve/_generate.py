@@ -162,7 +162,6 @@ class _Decoder:
         self.gens: List[Optional[Generation]] = [None] * S
         self.pos = np.zeros(S, dtype=np.int64)
         self.cache: List[Tuple[Tensor, Tensor]] = []
-        self.cap = 0
         self.view: Optional[KVCache] = None
         self.staged: Optional[_Staged] = None
         # the prefill's rule: fixed depth stays fixed depth; any other criterion needs one row's
@@ -219,11 +218,7 @@ class _Decoder:
         live = [s for s, g in enumerate(self.gens) if g is not None]
         need = int(self.pos[live].max()) + 1 if live else 1
         cap = min(self.model.max_len, -(-need // CACHE_BLOCK) * CACHE_BLOCK)
-        if cap != self.cap or self.view is None or self.view.lengths is not pos:
-            self.cap = cap
-            self.view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos)
-        else:
-            self.view._masks.clear()   # (the lengths changed at the look)
+        self.view = KVCache([(k[:, :, :cap], v[:, :, :cap]) for k, v in self.cache], pos)
 
     def advance(self, slots: np.ndarray, h: Tensor, its: np.ndarray, codes: np.ndarray, e_buf: Tensor,
                 done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
@@ -317,18 +312,8 @@ class _Decoder:
         prompts = self.items[first:first + self.S]
         self.next_prompt += len(prompts)
         n, dev = len(prompts), prompts[0].device
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        L = int(lengths.max())
-        tokens = torch.zeros(n, L, dtype=torch.int64, device=dev)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        positions = torch.arange(L, device=dev).expand(n, L)
-        e = m.prelude(tokens, positions)
-        valid = (positions < lengths[:, None]).unsqueeze(-1)
-        f = lambda h, x: torch.where(x[1], m.core(h, x[0]), h)   # noqa: E731
-        sol = solve_with(f, torch.zeros_like(e), (e, valid), self.prefill_opts)
+        sol, kv, lengths, h_last = joint_prefill(m, prompts, self.prefill_opts)
         its, codes = sol.iterations.cpu().numpy(), sol.status.cpu().numpy()
-        kv = m.keys_values(sol.z, e)
         if not self.cache:
             self.cache = [tuple(k.new_zeros(self.S, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
         gens = [Generation(first + j, [], [], [], int(its[j]), "length") for j in range(n)]
@@ -340,7 +325,7 @@ class _Decoder:
             return
         pos = lengths.cpu().numpy()[rows]
         sel = index_tensor(rows, dev)
-        h_last = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2])).index_select(0, sel)
+        h_last = h_last.index_select(0, sel)
         go, first_solves = self.read_out([gens[j] for j in rows], pos, h_last, its[rows], codes[rows], done)
         if first_solves is None:
             return
@@ -357,6 +342,30 @@ class _Decoder:
     def pick(self, logits: Tensor, gens: List[Generation], pos: np.ndarray) -> Tensor:
         """Greedy, or sampled with a generator per (seed, prompt, position): int64 `[n]`."""
         return pick_tokens(logits, self.temperature, self.seed, [g.index for g in gens], pos)
+
+
+def joint_prefill(model: Any, prompts: List[Tensor], opts: Options) -> Tuple[Any, List[Tuple[Tensor, Tensor]],
+                                                                         Tensor, Tensor]:
+    """The prompts' joint solve, padded to the longest (padded positions held fixed, so each
+    prompt's solve sees only its own tokens; per-sample halting keeps prompts independent).
+
+    Returns:
+        The `Solution`, per core layer the converged keys and values `[n, H, L, dh]`, the
+        prompts' lengths `[n]`, and each prompt's last state `[n, 1, d]`.
+    """
+    n, dev = len(prompts), prompts[0].device
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    L = int(lengths.max())
+    tokens = torch.zeros(n, L, dtype=torch.int64, device=dev)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    positions = torch.arange(L, device=dev).expand(n, L)
+    e = model.prelude(tokens, positions)
+    valid = (positions < lengths[:, None]).unsqueeze(-1)
+    f = lambda h, x: torch.where(x[1], model.core(h, x[0]), h)   # noqa: E731
+    sol = solve_with(f, torch.zeros_like(e), (e, valid), opts)
+    last = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2]))
+    return sol, model.keys_values(sol.z, e), lengths, last
 
 
 def pick_tokens(logits: Tensor, temperature: float, seed: int, prompts: List[int], positions: Any) -> Tensor:
