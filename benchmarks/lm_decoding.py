@@ -1,7 +1,9 @@
 """Problem 7 of BENCH.md: a looped language model decoding many prompts, tokens/s and accuracy.
 
-Three decoders of the same model, prompts and cache of converged keys and values (the prompt's
-joint prefill, solved by the residual rule, is the same for all three):
+Three decoders of the same model, prompts and cache of converged keys and values (the prompts'
+joint prefills, solved by the residual rule as a stream of `slots` prompts in flight, are the
+same solves in all three: `generate` pulls them as slots free, the two lock-step baselines run
+them first):
 
 - *fixed depth*: every token gets K passes of the core, no checks, `slots` prompts lock-step;
   K is the smallest depth as accurate as per-token halting (found on the same prompts);
@@ -36,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import fpsolve  # noqa: E402
-from fpsolve._generate import joint_prefill, pick_tokens  # noqa: E402
+from fpsolve._generate import DEFAULT_CHECK_EVERY, Prefill, pick_tokens  # noqa: E402
 from fpsolve._looped_lm import KVCache  # noqa: E402
 from fpsolve._options import SOLVE_DEFAULTS, Options  # noqa: E402
 
@@ -65,26 +67,49 @@ def _pick(s: Setup, logits: Tensor, first: int, pos: Tensor) -> Tensor:
     return pick_tokens(logits, s.temperature, s.seed, list(range(first, first + logits.shape[0])), pos.tolist())
 
 
-def _prefill(s: Setup, prompts: List[List[int]], first: int) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor,
-                                                                    Tensor]:
-    """The group's joint prefill (`generate`'s): cache, positions, last states, tokens."""
-    m = s.model
-    opts = Options.make("prefill", SOLVE_DEFAULTS, dict(solver="fixed_point", backward="none", **s.options()))
-    _, kv, lengths, h = joint_prefill(m, [torch.tensor(p) for p in prompts], opts)
-    cache = [tuple(k.new_zeros(len(prompts), k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
-    for (ck, cv), (k, v) in zip(cache, kv):
-        ck[:, :, :k.shape[2]], cv[:, :, :k.shape[2]] = k, v
+Prefilled = List[Tuple[List[Tuple[Tensor, Tensor]], int, Tensor]]
+
+
+def prefill_all(s: Setup, slots: int) -> Prefilled:
+    """Every prompt's prefill, as `generate` runs it (a stream of joint solves, `slots` prompts
+    in flight): per prompt its cached keys and values per layer `[H, L, dh]`, its length and
+    its last state `[1, d]`, in prompt order."""
+    opts = Options.make("prefill", SOLVE_DEFAULTS, dict(solver="fixed_point", backward="none",
+                                                        check_every=DEFAULT_CHECK_EVERY, **s.options()))
+    out: List[Any] = [None] * len(s.prompts)
+    with torch.no_grad():
+        pre = Prefill(s.model, [torch.tensor(p) for p in s.prompts], opts, slots)
+        while (got := pre.next()) is not None:
+            index, _, _, kv, lengths, h = got
+            for j, i in enumerate(index):
+                out[i] = ([(k[j], v[j]) for k, v in kv], int(lengths[j]), h[j])
+    return out
+
+
+def _prefill(s: Setup, pre: Prefilled, first: int, n: int) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor,
+                                                                   Tensor]:
+    """The group's cache from the prefill (prompts `first` to `first + n`), positions, last
+    states and first tokens."""
+    m, group = s.model, pre[first:first + n]
+    kv0 = group[0][0]
+    cache = [tuple(k.new_zeros(n, k.shape[0], m.max_len, k.shape[2]) for _ in (0, 1)) for k, _ in kv0]
+    for (ck, cv), i in zip(cache, range(len(kv0))):
+        L = kv0[i][0].shape[1]
+        ck[:, :, :L] = torch.stack([g[0][i][0] for g in group])
+        cv[:, :, :L] = torch.stack([g[0][i][1] for g in group])
+    lengths = torch.tensor([g[1] for g in group])
+    h = torch.stack([g[2] for g in group])
     return cache, lengths, h, _pick(s, m.coda(h)[:, 0], first, lengths)
 
 
-def _decode_group(s: Setup, prompts: List[List[int]], first: int, passes: Callable[..., Tuple[Tensor, Tensor]]
+def _decode_group(s: Setup, pre: Prefilled, first: int, n: int, passes: Callable[..., Tuple[Tensor, Tensor]]
                   ) -> Tuple[List[List[int]], List[List[int]]]:
     """Decoding of one group (prompts `first`, ...), one token per step; `passes(h, e, cache)`
     solves a token's state for the whole group and returns (state, passes per row)."""
     m = s.model
-    cache, pos, h, tok = _prefill(s, prompts, first)
-    out, its = [[t] for t in tok.tolist()], [[] for _ in prompts]
-    rows = torch.arange(len(prompts))
+    cache, pos, h, tok = _prefill(s, pre, first, n)
+    out, its = [[t] for t in tok.tolist()], [[] for _ in range(n)]
+    rows = torch.arange(n)
     for _ in range(s.max_new - 1):
         e = m.prelude(tok[:, None], pos[:, None])
         cap = int(pos.max()) + 1
@@ -144,19 +169,14 @@ def count_decode_passes(s: Setup, run: Callable[[], Any]) -> int:
     return n[0]
 
 
-def prefill_all(s: Setup, slots: int) -> None:
-    """Only the prompts' joint prefills, in the groups every decoder uses."""
-    with torch.no_grad():
-        for i in range(0, len(s.prompts), slots):
-            _prefill(s, s.prompts[i:i + slots], i)
-
-
 def run_groups(s: Setup, slots: int, passes: Callable[..., Tuple[Tensor, Tensor]]
                ) -> Tuple[List[List[int]], List[List[int]]]:
+    """Every prompt's prefill first, then `slots` prompts decoded together, a token per step."""
     tokens, its = [], []
+    pre = prefill_all(s, slots)
     with torch.no_grad():
         for i in range(0, len(s.prompts), slots):
-            t, k = _decode_group(s, s.prompts[i:i + slots], i, passes)
+            t, k = _decode_group(s, pre, i, min(slots, len(s.prompts) - i), passes)
             tokens += t
             its += k
     return tokens, its
@@ -247,7 +267,8 @@ def markdown(r: Dict[str, Any]) -> List[str]:
     lines = [f"{r['description']} {r['prompts']} prompts, {r['tokens']} generated tokens, {r['slots']} slots, "
              f"1 thread; residual rule rtol {r['rtol']:g} ({r['norm']}), max_iter {r['max_iter']}, looks every "
              f"{r['check_every']} passes. Least wall time of alternating rounds.", "",
-             f"The prompts' joint prefills (the same solves in all three decoders) take {r['prefill_s']:.2f} s "
+             f"The prompts' joint prefills (the same stream of solves, {r['slots']} prompts in flight, in all three "
+             f"decoders) take {r['prefill_s']:.2f} s "
              "of each run; *decoding alone* leaves them out.", "",
              "| decoder | tokens/s | decoding alone, tokens/s | accuracy | passes per token |",
              "|---|---:|---:|---:|---:|",

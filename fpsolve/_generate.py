@@ -12,15 +12,16 @@ pass. The core runs at a fixed shape `[slots, 1, d]` through `stream`'s slot loo
 sync within a window of `check_every` passes; a look then finds each slot's exact stopping
 pass). At a look, every slot whose token halted appends its keys and values, picks its next
 token and starts that token's solve at the next pass; a finished sequence's slot takes the next
-prompt. Prompts are prefilled `slots` at a time, as one joint solve (per-sample halting, so a
-prompt's passes do not depend on the others'): one such solve costs about as much as a single
-prompt's where the cost is per call (small tensors on a CPU, most work on a GPU), and it is the
-only stall. A slot's tokens and iterations never depend on its batch mates.
+prompt. The prompts' joint solves run as a stream of their own (`Prefill`: `slots` prompts in
+flight at `[slots, L, d]`, a prompt leaving when its solve stops), pulled only when a free slot
+finds no prefilled prompt waiting: that is the only stall. A slot's tokens and iterations never
+depend on its batch mates.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,15 +33,14 @@ from ._looped_lm import KVCache, check_tokens
 from ._options import SOLVE_DEFAULTS, Options
 from ._rules import index_tensor, rounding
 from ._solution import Status
-from ._solve import solve_with
-from ._stream import _SlotLoop
+from ._stream import _Rows, _SlotLoop
 from ._tree import StateLayout
 
 #: The cached positions the core attends to: the live slots' longest, rounded up to a multiple
 #: of this (a few distinct shapes; each costs attention over padding on a CPU).
 CACHE_BLOCK = 8
-#: Passes between looks when `check_every` is not given.
-DEFAULT_CHECK_EVERY = 4
+#: Passes between looks when `check_every` is not given (measured best on BENCH.md's problem 7).
+DEFAULT_CHECK_EVERY = 5
 
 
 @dataclass
@@ -107,7 +107,8 @@ def generate(model: Any, prompts: Iterable[Any], *, max_new_tokens: int, slots: 
         temperature: 0 for greedy decoding, else the sampling temperature.
         seed: The sampling seed (with temperature > 0).
         check_every: Passes between looks (a look finds each token's exact stopping pass; a
-            halted slot idles until it); None: 4. Tokens and iterations do not depend on it.
+            halted slot idles until it); None: 5 (the fastest on the problem 7 benchmark, where 4
+            and 6 were 3-9% slower). Tokens and iterations do not depend on it.
         compile: Compile the per-pass bookkeeping, as in `stream` (compiling the core is yours).
 
     Yields:
@@ -158,20 +159,20 @@ class _Decoder:
                  stop: Optional[int], temperature: float, seed: int, compile: bool) -> None:
         self.model, self.items, self.opts, self.S, self.max_new = model, items, opts, S, max_new
         self.warm, self.stop, self.temperature, self.seed, self.compile = warm, stop, temperature, seed, compile
-        self.next_prompt = 0
         self.gens: List[Optional[Generation]] = [None] * S
         self.pos = np.zeros(S, dtype=np.int64)
         self.cache: List[Tuple[Tensor, Tensor]] = []
         self.view: Optional[KVCache] = None
-        self.staged: Optional[_Staged] = None
+        self.staged: Deque[_Staged] = deque()
         # the prefill's rule: fixed depth stays fixed depth; any other criterion needs one row's
         # read-out, so a whole prompt is judged by the residual rule
-        self.prefill_opts = opts.replace(check_every=None, criterion=opts.criterion
-                                         if isinstance(opts.criterion, Depth) else None)
+        self.prefill_opts = opts.replace(criterion=opts.criterion if isinstance(opts.criterion, Depth) else None)
+        self.prefill: Optional[Prefill] = None
 
     @torch.no_grad()
     def run(self) -> Iterator[Generation]:
         done: List[Generation] = []
+        self.prefill = Prefill(self.model, self.items, self.prefill_opts, self.S, self.compile)
         rows = self.admit(np.arange(self.S), done)
         yield from done
         if rows is None:
@@ -278,20 +279,20 @@ class _Decoder:
 
     def admit(self, free: np.ndarray, done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
         """Prefilled prompts into the free slots (their keys and values into the slots' cache);
-        returns the rows of their first solves. When none is waiting, the next `slots` prompts
-        are prefilled together (on a CPU or GPU one joint solve of many prompts costs about one
-        of a single prompt)."""
+        returns the rows of their first solves. When none is waiting, the prefill stream runs
+        to its next look that hands out prompts (the only stall: about a prompt's own cost)."""
         out: List[Tuple[np.ndarray, Tensor, Tensor, Tensor]] = []
         while free.size:
-            if self.staged is None or self.staged.left == 0:
-                if self.next_prompt >= len(self.items):
+            if not self.staged:
+                if not self.stage(done):
                     break
-                self.stage(done)
                 continue
-            st = self.staged
+            st = self.staged[0]
             n = min(free.size, st.left)
             slots, rows = free[:n], np.arange(st.taken, st.taken + n)
             st.taken += n
+            if not st.left:
+                self.staged.popleft()
             free = free[n:]
             at, sel = index_tensor(slots, st.e.device), index_tensor(rows, st.e.device)
             for (ck, cv), (k, v) in zip(self.cache, st.kv):
@@ -305,33 +306,33 @@ class _Decoder:
             return None
         return (np.concatenate([r[0] for r in out]),) + tuple(torch.cat([r[i] for r in out]) for i in (1, 2, 3))
 
-    def stage(self, done: List[Generation]) -> None:
-        """The next `slots` prompts' joint solve (padded positions held fixed), their first
-        tokens picked: those whose sequence goes on wait in `self.staged` for a slot."""
-        m, first = self.model, self.next_prompt
-        prompts = self.items[first:first + self.S]
-        self.next_prompt += len(prompts)
-        n, dev = len(prompts), prompts[0].device
-        sol, kv, lengths, h_last = joint_prefill(m, prompts, self.prefill_opts)
-        its, codes = sol.iterations.cpu().numpy(), sol.status.cpu().numpy()
+    def stage(self, done: List[Generation]) -> bool:
+        """The prompts the prefill stream hands out next, their first tokens picked: those whose
+        sequence goes on wait in `self.staged` for a slot. False when every prompt is prefilled."""
+        got = self.prefill.next() if self.prefill is not None else None
+        if got is None:
+            return False
+        index, its, codes, kv, lengths, h_last = got
         if not self.cache:
+            m = self.model
             self.cache = [tuple(k.new_zeros(self.S, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
-        gens = [Generation(first + j, [], [], [], int(its[j]), "length") for j in range(n)]
+        gens = [Generation(int(i), [], [], [], int(k), "length") for i, k in zip(index, its)]
         ok = codes != int(Status.DIVERGED)
         for j in np.flatnonzero(~ok):
             self.close(gens[j], "diverged", done)
         rows = np.flatnonzero(ok)
         if not rows.size:
-            return
-        pos = lengths.cpu().numpy()[rows]
+            return True
+        dev = h_last.device
+        pos = lengths[rows]
         sel = index_tensor(rows, dev)
-        h_last = h_last.index_select(0, sel)
-        go, first_solves = self.read_out([gens[j] for j in rows], pos, h_last, its[rows], codes[rows], done)
-        if first_solves is None:
-            return
-        keep = index_tensor(rows[go], dev)
-        self.staged = _Staged([gens[j] for j in rows[go]], [(k.index_select(0, keep), v.index_select(0, keep))
-                                                            for k, v in kv], pos[go], *first_solves)
+        go, first_solves = self.read_out([gens[j] for j in rows], pos, h_last.index_select(0, sel), its[rows],
+                                         codes[rows], done)
+        if first_solves is not None:
+            keep = index_tensor(rows[go], dev)
+            self.staged.append(_Staged([gens[j] for j in rows[go]], [(k.index_select(0, keep), v.index_select(0, keep))
+                                                                    for k, v in kv], pos[go], *first_solves))
+        return True
 
     @staticmethod
     def close(g: Generation, why: str, done: List[Generation]) -> None:
@@ -344,53 +345,109 @@ class _Decoder:
         return pick_tokens(logits, self.temperature, self.seed, [g.index for g in gens], pos)
 
 
-def joint_prefill(model: Any, prompts: List[Tensor], opts: Options) -> Tuple[Any, List[Tuple[Tensor, Tensor]],
-                                                                         Tensor, Tensor]:
-    """The prompts' joint solve, padded to the longest (padded positions held fixed, so each
-    prompt's solve sees only its own tokens; per-sample halting keeps prompts independent).
+class Prefill:
+    """The prompts' prefill as a stream of joint solves, `slots` prompts in flight at the fixed
+    shape `[slots, L, d]` (L: the longest prompt). A prompt's positions are solved together,
+    its padding held fixed (the core is causal, so a prompt's solve sees only its own tokens);
+    a prompt whose solve stops leaves at the next look and its slot takes the next prompt, so a
+    hard prompt holds up only itself. Per prompt the result is its own joint solve's.
 
-    Returns:
-        The `Solution`, per core layer the converged keys and values `[n, H, L, dh]`, the
-        prompts' lengths `[n]`, and each prompt's last state `[n, 1, d]`.
+    `next()` runs to the next look that hands out prompts and returns, for them: their indices,
+    iterations and status codes (numpy), per core layer their converged keys and values
+    `[n, H, L, dh]`, their lengths (numpy) and last states `[n, 1, d]`; None when all are out.
     """
-    n, dev = len(prompts), prompts[0].device
-    lengths = torch.tensor([len(p) for p in prompts], device=dev)
-    L = int(lengths.max())
-    tokens = torch.zeros(n, L, dtype=torch.int64, device=dev)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    positions = torch.arange(L, device=dev).expand(n, L)
-    e = model.prelude(tokens, positions)
-    valid = (positions < lengths[:, None]).unsqueeze(-1)
-    f = lambda h, x: torch.where(x[1], model.core(h, x[0]), h)   # noqa: E731
-    sol = solve_with(f, torch.zeros_like(e), (e, valid), opts)
-    last = sol.z.gather(1, (lengths - 1).view(n, 1, 1).expand(n, 1, sol.z.shape[2]))
-    return sol, model.keys_values(sol.z, e), lengths, last
+
+    def __init__(self, model: Any, prompts: List[Tensor], opts: Options, slots: int, compile: bool = False) -> None:
+        self.model, self.prompts = model, prompts
+        self.L = max((len(p) for p in prompts), default=1)
+        self.chunks: Optional[Iterator[Tuple[Any, StateLayout]]] = None
+        if not prompts:
+            return
+        rows = _Rows(self.inputs(slots))
+        x_first, n0 = rows.take(slots)
+        z_first = torch.zeros_like(x_first[0])
+        layout = StateLayout(z_first)
+        f = lambda h, x: torch.where(x[1], model.core(h, x[0]), h)   # noqa: E731
+        self.chunks = _SlotLoop(layout.wrap(f, True), layout, rows, z_first[:1], x_first, z_first, n0, slots, opts,
+                                rounding(layout.dtype, layout.work_dtype), compile).run()
+
+    def padded(self, index: Any) -> Tuple[Tensor, Tensor, Tensor]:
+        """These prompts' tokens padded to L, their positions, and which positions are real."""
+        dev = self.prompts[0].device
+        tokens = torch.zeros(len(index), self.L, dtype=torch.int64, device=dev)
+        for j, i in enumerate(index):
+            p = self.prompts[i]
+            tokens[j, :len(p)] = p
+        lengths = torch.tensor([len(self.prompts[i]) for i in index], device=dev)
+        positions = torch.arange(self.L, device=dev).expand(len(index), self.L)
+        return tokens, positions, positions < lengths[:, None]
+
+    def inputs(self, slots: int) -> Iterator[Tuple[Tensor, Tensor]]:
+        """The stream's input rows, `slots` prompts at a time: (embedding, real positions)."""
+        for first in range(0, len(self.prompts), slots):
+            tokens, positions, valid = self.padded(range(first, min(first + slots, len(self.prompts))))
+            yield self.model.prelude(tokens, positions), valid.unsqueeze(-1)
+
+    def next(self) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, List[Tuple[Tensor, Tensor]], np.ndarray,
+                                      Tensor]]:
+        got = None if self.chunks is None else next(self.chunks, None)
+        if got is None:
+            return None
+        chunk, layout = got
+        index = chunk.rows
+        z = layout.unpack(chunk.z)
+        tokens, positions, _ = self.padded(index)
+        lengths = np.array([len(self.prompts[i]) for i in index], dtype=np.int64)
+        at = index_tensor(lengths - 1, z.device).view(-1, 1, 1).expand(-1, 1, z.shape[2])
+        kv = self.model.keys_values(z, self.model.prelude(tokens, positions))
+        return index, chunk.iterations, chunk.status, kv, lengths, z.gather(1, at)
 
 
-def pick_tokens(logits: Tensor, temperature: float, seed: int, prompts: List[int], positions: Any) -> Tensor:
+def pick_tokens(logits: Tensor, temperature: float, seed: int, prompts: Any, positions: Any) -> Tensor:
     """The next tokens from logits `[n, vocab]`: argmax at temperature 0, else sampled from
     softmax(logits / temperature) by a uniform number that is a hash of (seed, prompt index,
     position), so a token never depends on what else is decoded beside it (and all rows are
-    drawn in a few tensor ops). Returns int64 `[n]`."""
+    drawn in a few tensor ops, on the logits' device). Returns int64 `[n]`."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    key = _mix(_mix(_mix(np.full(logits.shape[0], seed, dtype=np.uint64)) ^ np.asarray(prompts, dtype=np.uint64))
-               ^ np.asarray(positions, dtype=np.uint64))
-    u = torch.from_numpy((key >> np.uint64(11)).astype(np.float64) * 2.0 ** -53).to(logits.device)  # [0, 1)
+    dev = logits.device
+    u = uniforms(seed, torch.as_tensor(prompts, dtype=torch.int64, device=dev),
+                 torch.as_tensor(positions, dtype=torch.int64, device=dev))
+    return sample(logits, temperature, u)
+
+
+def uniforms(seed: int, prompts: Tensor, positions: Tensor) -> Tensor:
+    """The uniform numbers on [0, 1) (float64) of (seed, prompt index, position): a counter-based
+    hash (SplitMix64's finaliser, three rounds); `prompts` broadcasts against `positions`."""
+    key = _mix(_mix(_mix(torch.full_like(prompts, seed)) ^ prompts) ^ positions)
+    return _shr(key, 11).double() * 2.0 ** -53   # (the top 53 bits)
+
+
+def sample(logits: Tensor, temperature: float, u: Tensor) -> Tensor:
+    """Tokens drawn from softmax(logits / temperature) `[n, vocab]` by the uniforms u `[n]`."""
     cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 (on the host: the keys are host data): a counter-based hash."""
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """The logical right shift of int64 bits (as uint64)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """SplitMix64's finaliser on the bits of int64 tensors (their products wrap as uint64's
+    do): a counter-based hash."""
     x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
-_GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
 
 
 class _Staged:
