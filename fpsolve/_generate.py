@@ -168,6 +168,7 @@ class _Decoder:
         # read-out, so a whole prompt is judged by the residual rule
         self.prefill_opts = opts.replace(criterion=opts.criterion if isinstance(opts.criterion, Depth) else None)
         self.prefill: Optional[Prefill] = None
+        self.u: Optional[Tensor] = None
 
     @torch.no_grad()
     def run(self) -> Iterator[Generation]:
@@ -200,11 +201,14 @@ class _Decoder:
             free = emit
             if rows is not None:
                 loop.place(rows[0], rows[1:3], layout.pack(rows[3]))
-                free = np.setdiff1d(emit, rows[0])
+                ended = np.zeros(self.S, dtype=bool)
+                ended[emit] = True
+                ended[rows[0]] = False
+                free = np.flatnonzero(ended)
             more = self.admit(free, done) if free.size else None
-            if more is not None:
+            if more is not None:   # (admit fills the first free slots)
                 loop.place(more[0], more[1:3], layout.pack(more[3]))
-                free = np.setdiff1d(free, more[0])
+                free = free[more[0].size:]
             yield from done
             if not loop.retire(free):
                 return
@@ -238,17 +242,25 @@ class _Decoder:
         at = index_tensor(slots, dev)
         self.store(at, h, e_buf.index_select(0, at), self.pos[slots])
         self.pos[slots] += 1
-        go, rows = self.read_out([self.gens[s] for s in slots], self.pos[slots], h, its, codes, done)
+        u = None if self.u is None else self.u[at, index_tensor(self.pos[slots], dev)]
+        go, rows = self.read_out([self.gens[s] for s in slots], self.pos[slots], h, its, codes, done, u)
         for s in slots[~go]:
             self.gens[s] = None
         return None if rows is None else (slots[go],) + rows
 
     def read_out(self, gens: List[Generation], pos: np.ndarray, h: Tensor, its: Any, codes: Any,
-                 done: List[Generation]) -> Tuple[np.ndarray, Optional[Tuple[Tensor, Tensor, Tensor]]]:
+                 done: List[Generation], u: Optional[Tensor] = None) -> Tuple[np.ndarray, Optional[Tuple[Tensor, Tensor, Tensor]]]:
         """Each sequence's next token, picked from its last state `h` `[n, 1, d]` and recorded
-        (`pos`: its position); returns which sequences go on and their next solve's rows
-        (e, positions, start states)."""
-        tok = self.pick(self.model.coda(h)[:, 0], gens, pos)
+        (`pos`: its position; `u`: its sampling uniforms, if already looked up); returns which
+        sequences go on and their next solve's rows (e, positions, start states)."""
+        logits = self.model.coda(h)[:, 0]
+        if self.temperature == 0.0:
+            tok = logits.argmax(-1)
+        else:
+            if u is None:
+                dev = logits.device
+                u = uniforms(self.seed, torch.tensor([g.index for g in gens], device=dev), index_tensor(pos, dev))
+            tok = sample(logits, self.temperature, u)
         go = np.zeros(len(gens), dtype=bool)
         for j, (g, t) in enumerate(zip(gens, tok.tolist())):
             g.tokens.append(t)
@@ -301,6 +313,9 @@ class _Decoder:
             for s, r in zip(slots, rows):
                 self.gens[s] = st.gens[r]
             self.pos[slots] = st.pos[rows]
+            if self.u is not None:
+                keys = torch.tensor([st.gens[r].index for r in rows], device=at.device)[:, None]
+                self.u[at] = uniforms(self.seed, keys, torch.arange(self.u.shape[1], device=at.device)[None])
             out.append((slots, st.e.index_select(0, sel), st.p.index_select(0, sel), st.z.index_select(0, sel)))
         if not out:
             return None
@@ -316,6 +331,8 @@ class _Decoder:
         if not self.cache:
             m = self.model
             self.cache = [tuple(k.new_zeros(self.S, k.shape[1], m.max_len, k.shape[3]) for _ in (0, 1)) for k, _ in kv]
+            if self.temperature > 0:   # (each slot's sampling uniforms at every position, made once per prompt)
+                self.u = torch.zeros(self.S, m.max_len + 1, dtype=torch.float64, device=h_last.device)
         gens = [Generation(int(i), [], [], [], int(k), "length") for i, k in zip(index, its)]
         ok = codes != int(Status.DIVERGED)
         for j in np.flatnonzero(~ok):
@@ -339,11 +356,6 @@ class _Decoder:
         """A finished sequence: its reason recorded, its result handed out."""
         g.finish = why
         done.append(g)
-
-    def pick(self, logits: Tensor, gens: List[Generation], pos: np.ndarray) -> Tensor:
-        """Greedy, or sampled with a generator per (seed, prompt, position): int64 `[n]`."""
-        return pick_tokens(logits, self.temperature, self.seed, [g.index for g in gens], pos)
-
 
 class Prefill:
     """The prompts' prefill as a stream of joint solves, `slots` prompts in flight at the fixed
