@@ -287,8 +287,9 @@ class Broyden:
                 p.sub_(torch.bmm(torch.bmm(x[:, :2], v.transpose(1, 2)), u)[:, 1:])
             p.addcmul_(torch.bmm(zt_h, g_from.transpose(1, 2)), new_u, value=-1.0)
         t = np.where(reject, 0.5 * t, 1.0).astype(t.dtype)
-        if recording:
+        if recording:   # (out of place; "guarded": some t is below 1, so Armijo's test needs them)
             g_prev, z_prev = g_from.view(b, -1), torch.where(rej, z_prev.unsqueeze(1), zf).view(b, -1)
+            mode = "guarded"
         else:
             if mode != "guarded":   # (own the anchors: updated in place from here on)
                 g_prev, z_prev, mode = g_prev.clone(), z_prev.clone(), "guarded"
