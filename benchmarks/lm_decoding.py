@@ -384,6 +384,79 @@ def exactness(n: int = 16) -> None:
     print(f"float64: greedy tokens equal to the joint solve's in {same} of {len(many)} sequences")
 
 
+def breakdown(s: Setup, slots: int, check_every: Optional[int] = None, rounds: int = 3) -> None:
+    """Where `generate`'s wall time goes (docs/looped_lm.md): the prefill stream, the decoding
+    passes (and the core alone within them), the looks with the read-out of the halted tokens,
+    and the slots' occupancy (slot-passes a halted slot idles until the look, and empty ones in
+    the tail, where fewer sequences than slots remain). Timers around the decoder's own
+    methods; the least total of `rounds` runs."""
+    import fpsolve._generate as gen_mod
+    import fpsolve._stream as stream_mod
+    acc: Dict[str, List[float]] = {}
+    occupancy: List[int] = []
+    saved: List[Tuple[Any, str, Any]] = []
+
+    def add(label: str, dt: float) -> None:
+        c = acc.setdefault(label, [0, 0.0])
+        c[0] += 1
+        c[1] += dt
+
+    def timed(owner: Any, name: str, label: Callable[..., str]) -> None:
+        f = getattr(owner, name)
+        saved.append((owner, name, f))
+
+        def run(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            out = f(*a, **k)
+            add(label(*a, **k), time.perf_counter() - t)
+            return out
+        setattr(owner, name, run)
+
+    def loop_kind(loop: Any) -> str:
+        return "decode" if loop.x_leaves[0].shape[1] == 1 else "prefill"
+
+    def passes_label(loop: Any) -> str:
+        if loop_kind(loop) == "decode":
+            occupancy.append(int(loop.st.active.sum()))
+        return loop_kind(loop) + " passes"
+    timed(stream_mod._SlotLoop, "passes", passes_label)
+    timed(stream_mod._SlotLoop, "look", lambda loop: loop_kind(loop) + " looks")
+    timed(gen_mod.Prefill, "next", lambda *a: "prefill")
+    timed(gen_mod._Decoder, "advance", lambda *a: "read-out")
+    core = type(s.model).core
+    s.model.core = lambda h, e, cache=None: core(s.model, h, e, cache)   # (an instance attribute, timed)
+    timed(s.model, "core", lambda h, e, cache=None: "core, prefill" if cache is None else "core, decode")
+    try:
+        best: Optional[Tuple[float, Dict[str, List[float]], List[int], Any]] = None
+        for _ in range(rounds + 1):
+            acc.clear()
+            occupancy.clear()
+            t0 = time.perf_counter()
+            out = run_generate(s, slots, check_every)
+            total = time.perf_counter() - t0
+            if best is None or total < best[0]:
+                best = (total, {k: list(v) for k, v in acc.items()}, list(occupancy), out)
+    finally:
+        for owner, name, f in reversed(saved):
+            setattr(owner, name, f)
+        del s.model.core
+    total, a, occ, (tokens, its) = best
+    K = check_every or gen_mod.DEFAULT_CHECK_EVERY
+    work = sum(sum(k) for k in its)
+    windows = len(occ)
+    print(f"generate, {slots} slots, looks every {K} passes: {total:.3f} s for {sum(len(t) for t in tokens)} tokens")
+    print(f"  prefill stream (passes, looks, keys and values): {a['prefill'][1]:.3f} s, "
+          f"of which the core {a['core, prefill'][1]:.3f} s ({a['core, prefill'][0]} passes)")
+    print(f"  decoding passes: {a['decode passes'][1]:.3f} s ({windows * K}), "
+          f"of which the core {a['core, decode'][1]:.3f} s")
+    print(f"  decoding looks: {a['decode looks'][1]:.3f} s ({a['decode looks'][0]}); the halted tokens' read-out "
+          f"(cache, next token, embedding): {a['read-out'][1]:.3f} s")
+    print(f"  the rest (refills, staging, results): "
+          f"{total - a['prefill'][1] - a['decode passes'][1] - a['decode looks'][1] - a['read-out'][1]:.3f} s")
+    print(f"  slot-passes: {windows * K * slots} run; {work} solving tokens, {K * sum(occ) - work} idle until a "
+          f"look, {K * (windows * slots - sum(occ))} empty (the tail)")
+
+
 def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
@@ -394,12 +467,16 @@ def main(argv: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[str]]:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--write", action="store_true", help="write the looped_lm key of docs/benchmarks.json")
     ap.add_argument("--exactness", action="store_true", help="only the forward-substitution check (no timing)")
+    ap.add_argument("--breakdown", action="store_true", help="only where generate's time goes (timers, no baselines)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.exactness:
         exactness()
         return {}, []
     s = build(args.quick, args.prompts, args.checkpoint)
+    if args.breakdown:
+        breakdown(s, args.slots, args.check_every)
+        return {}, []
     r = measure(s, args.slots, 2 if args.quick else args.repeats, args.check_every)
     lines = markdown(r)
     print("\n".join(lines))
