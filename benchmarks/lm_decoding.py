@@ -424,7 +424,13 @@ def breakdown(s: Setup, slots: int, check_every: Optional[int] = None, rounds: i
     timed(gen_mod.Prefill, "next", lambda *a: "prefill")
     timed(gen_mod._Decoder, "advance", lambda *a: "read-out")
     core = type(s.model).core
-    s.model.core = lambda h, e, cache=None: core(s.model, h, e, cache)   # (an instance attribute, timed)
+    last: List[Any] = []
+
+    def spy(h: Tensor, e: Tensor, cache: Any = None) -> Tensor:
+        if cache is not None:
+            last[:] = [h, e, cache]
+        return core(s.model, h, e, cache)
+    s.model.core = spy   # (an instance attribute, timed)
     timed(s.model, "core", lambda h, e, cache=None: "core, prefill" if cache is None else "core, decode")
     try:
         best: Optional[Tuple[float, Dict[str, List[float]], List[int], Any]] = None
@@ -447,8 +453,16 @@ def breakdown(s: Setup, slots: int, check_every: Optional[int] = None, rounds: i
     print(f"generate, {slots} slots, looks every {K} passes: {total:.3f} s for {sum(len(t) for t in tokens)} tokens")
     print(f"  prefill stream (passes, looks, keys and values): {a['prefill'][1]:.3f} s, "
           f"of which the core {a['core, prefill'][1]:.3f} s ({a['core, prefill'][0]} passes)")
+    with torch.no_grad():   # (a decoding pass's core call again, on its own: warm caches)
+        for _ in range(20):
+            core(s.model, *last)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            core(s.model, *last)
+        alone = (time.perf_counter() - t0) / 200
     print(f"  decoding passes: {a['decode passes'][1]:.3f} s ({windows * K}), "
-          f"of which the core {a['core, decode'][1]:.3f} s")
+          f"of which the core {a['core, decode'][1]:.3f} s ({1e3 * a['core, decode'][1] / a['core, decode'][0]:.3f} ms "
+          f"a call; the last call again on its own: {1e3 * alone:.3f} ms)")
     print(f"  decoding looks: {a['decode looks'][1]:.3f} s ({a['decode looks'][0]}); the halted tokens' read-out "
           f"(cache, next token, embedding): {a['read-out'][1]:.3f} s")
     print(f"  the rest (refills, staging, results): "
