@@ -232,3 +232,50 @@ def test_sampling_follows_the_softmax_and_each_key_alone():
     alone = [int(pick_tokens(logits[:1], 1.0, 11, [i], [q])) for i, q in zip([5, 1, 9, 0, 2, 8, 4], range(3, 10))]
     assert rows.tolist() == alone
     assert pick_tokens(logits[:3], 0.0, 11, [0, 1, 2], [0, 0, 0]).tolist() == [2, 2, 2]
+
+
+def test_the_prefill_stream_gives_each_prompt_its_own_joint_solve(lm):
+    """Prompts of several lengths through the prefill stream, 2 in flight (padded to the longest):
+    each prompt's iterations, status, cached keys and last state are those of its prefill alone,
+    and the stream runs at most sum(iterations) / slots + max(iterations) + a window of passes."""
+    from fpsolve._generate import Prefill
+    from fpsolve._options import SOLVE_DEFAULTS, Options
+    opts = Options.make("t", SOLVE_DEFAULTS, {"rtol": 1e-10, "max_iter": 300, "backward": "none", "check_every": 3})
+    prompts = [torch.tensor(p) for p in MANY]
+    calls = [0]
+    core = lm.core
+
+    def counted(h, e, cache=None):
+        calls[0] += 1
+        return core(h, e, cache)
+
+    def run(ps, slots):
+        pre, out = Prefill(lm, ps, opts, slots), {}
+        with torch.no_grad():
+            while (got := pre.next()) is not None:
+                index, its, codes, kv, lengths, last = got
+                for j, i in enumerate(index):
+                    out[int(i)] = (int(its[j]), int(codes[j]), kv[0][0][j, :, :lengths[j]], last[j])
+        return out
+    lm.core = counted
+    try:
+        together = run(prompts, 2)
+        passes = calls[0]
+    finally:
+        del lm.core
+    assert sorted(together) == list(range(len(prompts)))
+    for i, p in enumerate(prompts):
+        its, code, k, last = run([p], 1)[0]
+        assert (together[i][0], together[i][1]) == (its, code) and code == int(Status.CONVERGED)
+        torch.testing.assert_close(together[i][2], k, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(together[i][3], last, rtol=1e-9, atol=1e-12)
+    its = [together[i][0] for i in together]
+    assert passes <= sum(its) / 2 + max(its) + 3
+
+
+def test_the_sampling_hash_is_splitmix64():
+    """The uniforms come from SplitMix64's finaliser (its first output from state 0 is
+    0xE220A8397B1DCDAF), bit for bit in int64 arithmetic."""
+    from fpsolve._generate import _mix
+    want = 0xE220A8397B1DCDAF - (1 << 64)
+    assert int(_mix(torch.tensor([0]))) == want
