@@ -292,7 +292,7 @@ class _Decoder:
     def admit(self, free: np.ndarray, done: List[Generation]) -> Optional[Tuple[np.ndarray, Tensor, Tensor, Tensor]]:
         """Prefilled prompts into the free slots (their keys and values into the slots' cache);
         returns the rows of their first solves. When none is waiting, the prefill stream runs
-        to its next look that hands out prompts (the only stall: about a prompt's own cost)."""
+        to its next look that hands out prompts (decoding's only stall)."""
         out: List[Tuple[np.ndarray, Tensor, Tensor, Tensor]] = []
         while free.size:
             if not self.staged:
