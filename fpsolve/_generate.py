@@ -254,13 +254,8 @@ class _Decoder:
         (`pos`: its position; `u`: its sampling uniforms, if already looked up); returns which
         sequences go on and their next solve's rows (e, positions, start states)."""
         logits = self.model.coda(h)[:, 0]
-        if self.temperature == 0.0:
-            tok = logits.argmax(-1)
-        else:
-            if u is None:
-                dev = logits.device
-                u = uniforms(self.seed, torch.tensor([g.index for g in gens], device=dev), index_tensor(pos, dev))
-            tok = sample(logits, self.temperature, u)
+        tok = pick_tokens(logits, self.temperature, self.seed, [g.index for g in gens], pos) if u is None else \
+            sample(logits, self.temperature, u)
         go = np.zeros(len(gens), dtype=bool)
         for j, (g, t) in enumerate(zip(gens, tok.tolist())):
             g.tokens.append(t)
@@ -356,6 +351,7 @@ class _Decoder:
         """A finished sequence: its reason recorded, its result handed out."""
         g.finish = why
         done.append(g)
+
 
 class Prefill:
     """The prompts' prefill as a stream of joint solves, `slots` prompts in flight at the fixed
